@@ -1,0 +1,207 @@
+"""The command line: minidask-scheduler, minidask-worker, minidask-ssh.
+
+Each command starts one server, prints its address on a line of its own
+on standard output once it listens (so that a script, or an SSH cluster,
+can read it), logs to standard error, and stops cleanly on Ctrl-C
+(SIGINT) or SIGTERM.
+
+The cluster secret: ``minidask-scheduler`` makes a new one unless
+``MINIDASK_SECRET`` or ``--secret-file`` gives it, and writes it to a file
+only its user can read, whose path it logs. ``minidask-worker`` reads it
+from ``MINIDASK_SECRET``, ``--secret-file`` (``-`` reads one line from
+standard input), or that file. It never appears on a command line, where
+``ps`` would show it to every user of the machine.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from minidask import logs
+from minidask.comm import parse_host_port
+
+logger = logging.getLogger(__name__)
+
+
+def _read_secret(path):
+    from minidask.core import read_secret_file
+    if path == "-":
+        secret = sys.stdin.readline().strip()
+        if not secret:
+            raise SystemExit("--secret-file -: no secret on standard input")
+        return secret
+    return read_secret_file(path)
+
+
+async def _serve(server, stop_signals=(signal.SIGINT, signal.SIGTERM)):
+    """Run ``server`` until a signal arrives or it finishes by itself."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    finished = asyncio.ensure_future(server.finished()) \
+        if hasattr(server, "finished") else loop.create_future()
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([finished, waiter],
+                       return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        logger.info("signal received: closing")
+        await server.close()
+    waiter.cancel()
+
+
+def _print_address(address):
+    print(address, flush=True)
+
+
+# -- minidask-scheduler ---------------------------------------------------------
+
+def scheduler_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="minidask-scheduler",
+        description="Start a minidask scheduler and serve until stopped.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this "
+                             "machine only; 0.0.0.0 for every network)")
+    parser.add_argument("--port", type=int, default=8786,
+                        help="port to listen on (default 8786, 0 for any)")
+    parser.add_argument("--dashboard-address", default=":8787",
+                        help="host:port of the dashboard (default :8787)")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="do not start the dashboard")
+    parser.add_argument("--secret-file",
+                        help="read the cluster secret from this file "
+                             "(- for standard input)")
+    args = parser.parse_args(argv)
+    logs.setup(logging.INFO)
+    try:
+        asyncio.run(_run_scheduler(args))
+    except OSError as exc:
+        raise SystemExit(f"minidask-scheduler: {exc}") from None
+
+
+async def _run_scheduler(args):
+    from minidask.core import new_secret
+    from minidask.scheduler import Scheduler
+    secret = os.environ.get("MINIDASK_SECRET") or (
+        _read_secret(args.secret_file) if args.secret_file else new_secret())
+    dashboard = None
+    if not args.no_dashboard:
+        dash_host, dash_port = parse_host_port(args.dashboard_address, 8787)
+        dashboard = f"{dash_host or args.host}:{dash_port}"
+    scheduler = Scheduler(host=args.host, port=args.port, secret=secret,
+                          dashboard_address=dashboard)
+    await scheduler.start()
+    logger.info("secret file for workers and clients: %s",
+                scheduler.secret_file)
+    _print_address(scheduler.address)
+    await _serve(scheduler)
+
+
+# -- minidask-worker --------------------------------------------------------------
+
+def worker_main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="minidask-worker",
+        description="Start a minidask worker (under a nanny) for a scheduler.")
+    parser.add_argument("scheduler_address",
+                        help="the scheduler, as tcp://host:port")
+    parser.add_argument("--nthreads", type=int, default=1,
+                        help="threads running tasks (default 1)")
+    parser.add_argument("--memory-limit", default="auto",
+                        help="memory the worker may use: 'auto' (the "
+                             "machine's), '4 GiB', a fraction, or 0 for none")
+    parser.add_argument("--name", help="a name for the worker")
+    parser.add_argument("--no-nanny", action="store_true",
+                        help="run the worker in this process, with no nanny "
+                             "to restart it")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the worker listens on (default "
+                             "127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="port the worker listens on (default: any)")
+    parser.add_argument("--secret-file",
+                        help="read the cluster secret from this file "
+                             "(- for standard input)")
+    parser.add_argument("--nanny-address", help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", type=int, default=logging.INFO,
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        code = asyncio.run(_run_worker(args))
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise SystemExit(f"minidask-worker: {exc}") from None
+    sys.exit(code)
+
+
+def _worker_secret(args):
+    from minidask.core import secret_for
+    secret = os.environ.get("MINIDASK_SECRET")
+    if not secret and args.secret_file:
+        secret = _read_secret(args.secret_file)
+    if not secret:
+        secret = secret_for(args.scheduler_address)
+    if not secret:
+        raise SystemExit(
+            f"minidask-worker: no cluster secret for "
+            f"{args.scheduler_address}: give --secret-file with the file "
+            f"minidask-scheduler wrote, or set MINIDASK_SECRET")
+    return secret
+
+
+async def _run_worker(args):
+    from minidask.deploy.sizing import memory_per_worker
+    secret = _worker_secret(args)
+    memory_limit = memory_per_worker(args.memory_limit, 1)
+    if args.no_nanny:
+        return await _run_bare_worker(args, secret, memory_limit)
+    from minidask.nanny import Nanny
+    nanny = Nanny(args.scheduler_address, nthreads=args.nthreads,
+                  memory_limit=memory_limit, name=args.name, host=args.host,
+                  secret=secret, silence_logs=logging.INFO,
+                  worker_port=args.port)
+    await nanny.start()
+    _print_address(nanny.worker_address)
+    await _serve(nanny)
+    return 0
+
+
+async def _run_bare_worker(args, secret, memory_limit):
+    from minidask.worker import EXIT_SCHEDULER_LOST, Worker
+    if args.nanny_address:
+        # A worker process under a nanny is the only server in its
+        # process: its log keeps every line, the user's tasks' included.
+        logging.getLogger().setLevel(logging.INFO)
+    worker = Worker(args.scheduler_address, nthreads=args.nthreads,
+                    memory_limit=memory_limit, name=args.name,
+                    host=args.host, port=args.port, secret=secret,
+                    nanny=args.nanny_address,
+                    log_everything=bool(args.nanny_address))
+    await worker.start()
+    if args.nanny_address:
+        await worker.pool.call(args.nanny_address, "worker-started",
+                               address=worker.address, pid=os.getpid())
+    else:
+        _print_address(worker.address)
+    await _serve(worker)
+    return EXIT_SCHEDULER_LOST if worker.scheduler_lost else 0
+
+
+# -- minidask-ssh -------------------------------------------------------------------
+
+def ssh_main(argv=None):
+    from minidask.deploy.ssh import ssh_main as main
+    return main(argv)
+
+
+if __name__ == "__main__":
+    commands = {"scheduler": scheduler_main, "worker": worker_main,
+                "ssh": ssh_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit(f"usage: python -m minidask.cli "
+                         f"{{{','.join(commands)}}} ...")
+    commands[sys.argv[1]](sys.argv[2:])

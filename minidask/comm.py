@@ -1,0 +1,446 @@
+"""Comms: the connections every minidask process talks over.
+
+A *comm* is one TCP connection between two minidask processes: a client and
+the scheduler, the scheduler and a worker, a worker and a peer worker. It
+carries *messages*, any picklable Python objects (in practice dicts with an
+``"op"`` key, or lists of them), in both directions.
+
+On the wire a message is a set of frames::
+
+    [n: u64] [len(frame 1): u64] ... [len(frame n): u64] frame 1 ... frame n
+
+Frame 1 is the pickle (protocol 5) of the message. Large binary values
+(NumPy arrays, and big ``bytes`` wrapped by :func:`to_wire`) are not copied
+into that pickle: pickle hands them over as out-of-band buffers, which are
+written to the socket as frames of their own and read back straight into
+buffers of their final size. Functions defined in ``__main__`` (a notebook)
+cannot be pickled by reference, so messages that mention ``__main__`` go
+through cloudpickle, which pickles such functions by value.
+
+Before any message is read, both ends run a handshake that proves each
+knows the cluster secret (see :func:`_handshake_server`). Nothing from a
+peer is unpickled until it has passed, so a stranger on a shared machine
+can neither run code on the cluster nor feed it a malicious pickle.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import pickle
+import socket
+import ssl
+import struct
+
+import cloudpickle
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpclient import TCPClient
+from tornado.tcpserver import TCPServer
+
+from minidask import config
+from minidask.utils import parse_bytes, parse_timedelta
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"minidask/1\n"
+NONCE_BYTES = 32
+PROOF_BYTES = 32  # SHA-256 digest
+ACCEPT, REFUSE = b"+", b"-"
+MAX_FRAMES = 1_000_000
+LARGE_BYTES = 64 * 1024  # bytes values above this travel out of band
+
+
+# -- errors ---------------------------------------------------------------
+
+class CommError(OSError):
+    """Something went wrong talking to a peer; the message names it."""
+
+
+class CommClosedError(CommError):
+    """The connection was closed, by the peer or by us."""
+
+
+class ConnectError(CommError):
+    """Nothing answered at an address within the connect timeout."""
+
+
+class AuthenticationError(CommError):
+    """The handshake failed: one side does not know the cluster secret."""
+
+
+class ProtocolError(CommError):
+    """The peer sent something that is not a minidask message."""
+
+
+# -- addresses ------------------------------------------------------------
+
+def parse_address(address):
+    """Split ``"tcp://host:port"`` into ``("tcp", host, port)``."""
+    if not isinstance(address, str) or "://" not in address:
+        raise ValueError(
+            f"{address!r} is not an address: expected 'tcp://host:port', "
+            f"for example 'tcp://127.0.0.1:8786'")
+    scheme, _, rest = address.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme not in ("tcp", "tls") or not sep or not port.isdigit():
+        raise ValueError(
+            f"{address!r} is not an address: expected 'tcp://host:port', "
+            f"for example 'tcp://127.0.0.1:8786'")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{address!r} has no host: expected 'tcp://host:port'")
+    return scheme, host, int(port)
+
+
+def unparse_address(scheme, host, port):
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_host_port(text, default_port):
+    """Split ``"host:port"``, ``":port"`` or ``"host"``; host may be ''."""
+    text = str(text)
+    if "://" in text:
+        text = text.partition("://")[2]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    if not port.isdigit():
+        raise ValueError(f"{text!r}: the port must be a number")
+    return host.strip("[]"), int(port)
+
+
+# -- serialization ----------------------------------------------------------
+
+class _LargeBytes:
+    """A big ``bytes`` value that should cross the wire out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def to_wire(value):
+    """Mark a data value so that pickle sends it without copying it."""
+    if type(value) is bytes and len(value) >= LARGE_BYTES:
+        return _LargeBytes(value)
+    return value
+
+
+def dumps(msg):
+    """Turn a message into frames: its pickle, then out-of-band buffers."""
+    buffers = []
+    try:
+        head = pickle.dumps(msg, protocol=5, buffer_callback=buffers.append)
+        by_reference = b"__main__" in head
+    except Exception:
+        by_reference = True
+    if by_reference:
+        # Pickled by reference, a function from a notebook would not be
+        # found on the worker: cloudpickle ships its code instead.
+        buffers = []
+        head = cloudpickle.dumps(msg, protocol=5,
+                                 buffer_callback=buffers.append)
+    return [head] + [buf.raw() for buf in buffers]
+
+
+def loads(frames):
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# -- the handshake ------------------------------------------------------------
+
+def _proof(secret, role, first, second):
+    return hmac.new(secret, role + first + second, hashlib.sha256).digest()
+
+
+def as_secret_bytes(secret):
+    if secret is None:
+        return None
+    return secret.encode() if isinstance(secret, str) else bytes(secret)
+
+
+async def _handshake_server(stream, secret):
+    """Challenge a new peer to prove it knows the secret, then prove we do.
+
+    The server sends a fresh nonce; the client answers with its own nonce
+    and an HMAC of both under the secret; the server checks it and answers
+    with an HMAC in the other direction, so that a client also knows it is
+    talking to its own cluster before it unpickles anything.
+    """
+    nonce = os.urandom(NONCE_BYTES)
+    await stream.write(MAGIC + nonce)
+    reply = await stream.read_bytes(len(MAGIC) + NONCE_BYTES + PROOF_BYTES)
+    magic = reply[:len(MAGIC)]
+    peer_nonce = reply[len(MAGIC):len(MAGIC) + NONCE_BYTES]
+    proof = reply[len(MAGIC) + NONCE_BYTES:]
+    expected = _proof(secret, b"client", nonce, peer_nonce)
+    if magic != MAGIC or not hmac.compare_digest(proof, expected):
+        await stream.write(REFUSE)
+        return False
+    await stream.write(ACCEPT + _proof(secret, b"server", peer_nonce, nonce))
+    return True
+
+
+async def _handshake_client(stream, secret, address):
+    greeting = await stream.read_bytes(len(MAGIC) + NONCE_BYTES)
+    if greeting[:len(MAGIC)] != MAGIC:
+        raise ProtocolError(f"{address} is not a minidask server")
+    nonce = greeting[len(MAGIC):]
+    own_nonce = os.urandom(NONCE_BYTES)
+    proof = (_proof(secret, b"client", nonce, own_nonce) if secret
+             else bytes(PROOF_BYTES))
+    await stream.write(MAGIC + own_nonce + proof)
+    verdict = await stream.read_bytes(1)
+    if verdict != ACCEPT:
+        raise AuthenticationError(_refused_message(address, secret))
+    server_proof = await stream.read_bytes(PROOF_BYTES)
+    expected = _proof(secret, b"server", own_nonce, nonce)
+    if not hmac.compare_digest(server_proof, expected):
+        raise AuthenticationError(
+            f"{address} does not know this cluster's secret: it is not the "
+            f"server you meant to reach")
+
+
+def _refused_message(address, secret):
+    what = "a wrong" if secret else "no"
+    return (
+        f"{address} refused the connection: it was given {what} cluster "
+        f"secret. Connect through the cluster object (Client(cluster)), or "
+        f"set the secret with MINIDASK_SECRET or the 'secret-file' config key "
+        f"(minidask-scheduler writes one and prints its path)")
+
+
+# -- one connection -------------------------------------------------------------
+
+class Comm:
+    """One connection to a peer, carrying whole messages both ways."""
+
+    def __init__(self, stream, local_address, peer_address, max_frame=None):
+        self.stream = stream
+        self.local_address = local_address
+        self.peer_address = peer_address
+        self.max_frame = max_frame or parse_bytes(
+            config.get("comm.max-frame-size"))
+        self.name = None  # what the other end is, once known
+
+    def __repr__(self):
+        return f"<Comm {self.local_address} -> {self.peer_address}>"
+
+    async def read(self):
+        """Read one message; raise CommClosedError when the peer is gone."""
+        try:
+            (count,) = struct.unpack("<Q", await self.stream.read_bytes(8))
+            if not 0 < count <= MAX_FRAMES:
+                raise ProtocolError(f"{self.peer_address} sent {count} frames")
+            lengths = struct.unpack(
+                f"<{count}Q", await self.stream.read_bytes(8 * count))
+            if max(lengths) > self.max_frame:
+                raise ProtocolError(
+                    f"{self.peer_address} sent a frame of {max(lengths)} "
+                    f"bytes, over comm.max-frame-size ({self.max_frame})")
+            frames = []
+            for length in lengths:
+                frame = bytearray(length)
+                if length:
+                    await self.stream.read_into(frame)
+                frames.append(frame)
+        except StreamClosedError as exc:
+            self.stream.close()
+            raise CommClosedError(
+                f"connection to {self.peer_address} closed") from exc
+        except ProtocolError:
+            self.abort()
+            raise
+        try:
+            return loads(frames)
+        except Exception as exc:
+            self.abort()
+            raise ProtocolError(
+                f"{self.peer_address} sent a message that does not "
+                f"unpickle: {exc!r}") from exc
+
+    async def write(self, msg):
+        """Send one message; raise CommClosedError when the peer is gone."""
+        frames = dumps(msg)
+        lengths = [memoryview(f).nbytes for f in frames]
+        header = struct.pack(f"<Q{len(frames)}Q", len(frames), *lengths)
+        try:
+            # All writes are queued before the first await, so that messages
+            # from concurrent writers never interleave on the wire.
+            done = self.stream.write(header)
+            for frame in frames:
+                done = self.stream.write(frame)
+            await done
+        except StreamClosedError as exc:
+            raise CommClosedError(
+                f"connection to {self.peer_address} closed") from exc
+        return sum(lengths)
+
+    def closed(self):
+        return self.stream.closed()
+
+    def abort(self):
+        self.stream.close()
+
+    async def close(self):
+        self.stream.close()
+
+
+# -- connecting and listening ---------------------------------------------------
+
+def tls_options(server_side):
+    """SSL contexts from the comm.tls config keys, or None for plain TCP."""
+    ca, cert, key = (config.get(f"comm.tls.{k}") for k in
+                     ("ca-file", "cert", "key"))
+    if not (ca and cert and key):
+        return None
+    purpose = (ssl.Purpose.CLIENT_AUTH if server_side
+               else ssl.Purpose.SERVER_AUTH)
+    ctx = ssl.create_default_context(purpose, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = False  # peers are named by IP; the CA vouches
+    return ctx
+
+
+async def connect(address, secret, timeout=None):
+    """Open a comm to ``address`` and run the handshake.
+
+    Retries while nothing listens there yet (a scheduler may still be
+    starting) until ``timeout`` (default: config ``comm.timeouts.connect``),
+    then raises ConnectError naming the address.
+    """
+    scheme, host, port = parse_address(address)
+    if timeout is None:
+        timeout = parse_timedelta(config.get("comm.timeouts.connect"))
+    ssl_ctx = tls_options(server_side=False) if scheme == "tls" else None
+    deadline = asyncio.get_running_loop().time() + timeout
+    delay = 0.01
+    while True:
+        try:
+            left = deadline - asyncio.get_running_loop().time()
+            stream = await asyncio.wait_for(
+                TCPClient().connect(host, port, ssl_options=ssl_ctx),
+                max(left, 0.001))
+            break
+        except (OSError, StreamClosedError, asyncio.TimeoutError) as exc:
+            if asyncio.get_running_loop().time() + delay >= deadline:
+                raise ConnectError(
+                    f"could not connect to {address} after {timeout:g} s: "
+                    f"is the scheduler running there?") from exc
+            # Back off: retrying at once would spin while a server starts.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    stream.set_nodelay(True)
+    secret = as_secret_bytes(secret)
+    try:
+        await asyncio.wait_for(_handshake_client(stream, secret, address),
+                               timeout)
+    except (StreamClosedError, asyncio.TimeoutError) as exc:
+        stream.close()
+        raise CommClosedError(
+            f"{address} closed the connection during the handshake; "
+            f"is it a minidask server of the same version?") from exc
+    except CommError:
+        stream.close()
+        raise
+    local = _stream_address(stream, scheme, peer=False)
+    logger.debug("connected to %s from %s", address, local)
+    return Comm(stream, local, address)
+
+
+def _stream_address(stream, scheme, peer):
+    sock = stream.socket
+    try:
+        name = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return f"{scheme}://unknown"
+    return unparse_address(scheme, name[0], name[1])
+
+
+class Listener(TCPServer):
+    """Accept connections, run the handshake, hand each comm on.
+
+    ``handler`` is a coroutine function called with each new Comm. A peer
+    that fails the handshake, takes too long over it, or arrives while too
+    many others are still shaking hands is dropped with a WARNING and never
+    reaches the handler.
+    """
+
+    def __init__(self, handler, secret, scheme="tcp"):
+        self.scheme = scheme
+        ssl_ctx = tls_options(server_side=True) if scheme == "tls" else None
+        super().__init__(ssl_options=ssl_ctx)
+        self.comm_handler = handler
+        self.secret = as_secret_bytes(secret)
+        self.pending = 0
+        self.max_pending = int(config.get("comm.max-pending-handshakes"))
+        self.handshake_timeout = parse_timedelta(
+            config.get("comm.timeouts.handshake"))
+        self.address = None
+
+    def start_listening(self, host, port):
+        sockets = _bind(host, port)
+        self.add_sockets(sockets)
+        bound_host, bound_port = sockets[0].getsockname()[:2]
+        self.address = unparse_address(self.scheme, bound_host, bound_port)
+        return self.address
+
+    async def handle_stream(self, stream, peer):
+        peer_address = unparse_address(self.scheme, peer[0], peer[1])
+        if self.pending >= self.max_pending:
+            logger.warning("refused connection from %s: %d handshakes "
+                           "already pending", peer_address, self.pending)
+            stream.close()
+            return
+        self.pending += 1
+        try:
+            stream.set_nodelay(True)
+            ok = await asyncio.wait_for(
+                _handshake_server(stream, self.secret),
+                self.handshake_timeout)
+        except (StreamClosedError, asyncio.TimeoutError, OSError):
+            ok = None
+        finally:
+            self.pending -= 1
+        if not ok:
+            if ok is False:
+                logger.warning("refused connection from %s: wrong or "
+                               "missing cluster secret", peer_address)
+            else:
+                logger.debug("connection from %s dropped during the "
+                             "handshake", peer_address)
+            stream.close()
+            return
+        comm = Comm(stream, self.address, peer_address)
+        await self.comm_handler(comm)
+
+
+def _bind(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno,
+                      f"cannot listen on {host}:{port}: {exc.strerror}; "
+                      f"pick another port, or 0 for any free one") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return [sock]
+
+
+__all__ = [
+    "CommError", "CommClosedError", "ConnectError", "AuthenticationError",
+    "ProtocolError", "Comm", "Listener", "connect", "parse_address",
+    "unparse_address", "dumps", "loads", "to_wire",
+]

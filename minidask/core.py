@@ -1,0 +1,338 @@
+"""Core: what the scheduler, workers and nannies have in common.
+
+Each of them is a :class:`Server`: it listens on an address, accepts comms
+that pass the secret handshake, reads messages of the form
+``{"op": "name", ...}`` and calls the *handler* registered for that op. A
+handler's return value goes back to the caller as the reply. Some handlers
+turn the connection into a long-lived *stream*: the scheduler keeps one
+stream open to every worker and every client, on which many small one-way
+messages travel in batches (:class:`BatchedSend`) and are dispatched to
+*stream handlers*.
+
+Requests from one server to another go through a :class:`ConnectionPool`,
+which keeps connections open between calls so that the handshake is paid
+once per peer, not once per request.
+"""
+
+import asyncio
+import collections
+import inspect
+import logging
+import os
+import secrets
+import traceback
+import uuid
+from pathlib import Path
+
+from minidask import comm as comms
+from minidask import config, logs
+from minidask.comm import CommClosedError, CommError, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+NO_REPLY = object()  # a handler that has answered (or kept) the comm itself
+
+
+# -- the cluster secret ---------------------------------------------------
+
+_known_secrets = {}  # address -> secret, for clusters in this process
+
+
+def new_secret():
+    return secrets.token_hex(32)
+
+
+def secret_dir():
+    """A folder only this user can read, for secret files by address."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.access(base, os.W_OK):
+        base = Path.home() / ".cache"
+    path = Path(base) / "minidask" / "secrets"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def secret_file_for(address):
+    name = address.replace("://", "_").replace(":", "_").replace("/", "_")
+    return secret_dir() / name
+
+
+def write_secret_file(path, secret):
+    """Write ``secret`` to ``path`` readable by this user only."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_secret_file(path):
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read the cluster secret from {path}: "
+                      f"{exc.strerror}") from exc
+    if not text:
+        raise ValueError(f"the secret file {path} is empty")
+    return text
+
+
+def register_secret(address, secret):
+    _known_secrets[address] = secret
+
+
+def forget_secret(address):
+    _known_secrets.pop(address, None)
+
+
+def secret_for(address):
+    """Find the secret for the cluster at ``address``, or None.
+
+    In order: the ``secret`` config key (``MINIDASK_SECRET``), the
+    ``secret-file`` config key, a cluster in this process, and the secret
+    file a scheduler of this user wrote for that address.
+    """
+    if config.get("secret", None):
+        return str(config.get("secret"))
+    if config.get("secret-file", None):
+        return read_secret_file(config.get("secret-file"))
+    if address in _known_secrets:
+        return _known_secrets[address]
+    path = secret_file_for(address)
+    if path.exists():
+        return read_secret_file(path)
+    return None
+
+
+# -- replies ------------------------------------------------------------------
+
+class RemoteError(Exception):
+    """An exception raised on a peer that could not be sent back as is."""
+
+
+def error_reply(exc):
+    tb = traceback.format_exc()
+    try:
+        comms.dumps(exc)
+    except Exception:
+        exc = RemoteError(f"{type(exc).__name__}: {exc}")
+    return {"status": "error", "exception": exc, "traceback": tb}
+
+
+def unwrap(reply, address):
+    if isinstance(reply, dict) and reply.get("status") == "error":
+        exc = reply["exception"]
+        exc.remote_traceback = reply.get("traceback")
+        raise exc
+    if not isinstance(reply, dict) or reply.get("status") != "OK":
+        raise ProtocolError(f"{address} sent a malformed reply: {reply!r}")
+    return reply.get("result")
+
+
+# -- batching -----------------------------------------------------------------
+
+class BatchedSend:
+    """Send many small messages on one stream, batched without a timer.
+
+    A message is sent at the end of the event loop's current turn, together
+    with every other message queued in that turn; while a write is under
+    way, new messages wait for it and then leave together. Under load the
+    batches grow by themselves, and an idle stream adds no delay at all.
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.buffer = []
+        self.sending = False
+        self.closed = False
+        self.done = asyncio.get_running_loop().create_future()
+
+    def send(self, msg):
+        if self.closed:
+            return
+        self.buffer.append(msg)
+        if not self.sending:
+            self.sending = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self):
+        asyncio.ensure_future(self._drain())
+
+    async def _drain(self):
+        try:
+            while self.buffer and not self.closed:
+                batch, self.buffer = self.buffer, []
+                await self.comm.write(batch)
+        except CommError:
+            self.abort()
+        finally:
+            self.sending = False
+
+    def abort(self):
+        self.closed = True
+        self.buffer = []
+        self.comm.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def read_stream(comm, handlers, **extra):
+    """Dispatch each message of each batch on ``comm`` until it closes."""
+    try:
+        while True:
+            batch = await comm.read()
+            for msg in batch:
+                op = msg.pop("op")
+                handlers[op](**msg, **extra)
+    except CommClosedError:
+        pass
+
+
+# -- connections out ----------------------------------------------------------
+
+class ConnectionPool:
+    """Reusable connections to peers, for request/reply calls."""
+
+    def __init__(self, secret):
+        self.secret = secret
+        self.idle = collections.defaultdict(list)
+        self.closed = False
+
+    async def connect(self, address, timeout=None):
+        """A fresh comm of our own, for a stream; the caller closes it."""
+        return await comms.connect(address, self._secret_for(address),
+                                   timeout=timeout)
+
+    def _secret_for(self, address):
+        return self.secret if self.secret is not None else secret_for(address)
+
+    async def call(self, address, op, /, connect_timeout=None, **msg):
+        """Send ``{"op": op, **msg}`` to ``address`` and return the reply."""
+        idle = self.idle[address]
+        comm = idle.pop() if idle else await self.connect(address,
+                                                           connect_timeout)
+        msg["op"] = op
+        try:
+            await comm.write(msg)
+            reply = await comm.read()
+        except BaseException:
+            comm.abort()
+            raise
+        if self.closed:
+            comm.abort()
+        else:
+            idle.append(comm)
+        return unwrap(reply, address)
+
+    def forget(self, address):
+        for comm in self.idle.pop(address, []):
+            comm.abort()
+
+    def close(self):
+        self.closed = True
+        for address in list(self.idle):
+            self.forget(address)
+
+
+# -- servers ------------------------------------------------------------------
+
+class Server:
+    """A process's endpoint: listen, then dispatch each op to a handler."""
+
+    kind = "Server"
+
+    def __init__(self, secret=None, log_everything=False):
+        self.id = f"{self.kind}-{uuid.uuid4().hex[:12]}"
+        self.secret = secret
+        self.handlers = {
+            "identity": self.identity,
+            "get-logs": self.handle_get_logs,
+        }
+        self.pool = ConnectionPool(secret)
+        self.listener = None
+        self.address = None
+        self.status = "created"
+        self._comms = set()
+        self._threads = set()  # threads whose log lines are ours
+        self.log = logs.ServerLog(logging.getLogger(type(self).__module__),
+                                  self.id)
+        logs.setup(logs.stderr_level())
+        self.log_buffer = logs.LogBuffer(self.id, self._threads,
+                                         everything=log_everything)
+        # minidask's loggers do not propagate to the root logger, so a
+        # buffer for everything in the process listens to both.
+        self._log_names = (("", "minidask") if log_everything
+                           else ("minidask",))
+        logs.attach(self.log_buffer, self._log_names)
+
+    def __repr__(self):
+        return f"<{self.kind} {self.address or 'not listening'} {self.status}>"
+
+    async def listen(self, host="127.0.0.1", port=0, scheme="tcp"):
+        self.listener = comms.Listener(self.handle_comm, self.secret, scheme)
+        self.address = self.listener.start_listening(host, port)
+        return self.address
+
+    async def handle_comm(self, comm):
+        """Serve one connection: read a request, reply, until it closes."""
+        self._comms.add(comm)
+        try:
+            while True:
+                msg = await comm.read()
+                reply = await self._dispatch(comm, msg)
+                if reply is NO_REPLY:
+                    if comm.closed():
+                        return
+                    continue
+                await comm.write(reply)
+        except CommClosedError:
+            pass
+        except ProtocolError as exc:
+            self.log.warning("dropped connection from %s: %s",
+                             comm.peer_address, exc)
+        finally:
+            self._comms.discard(comm)
+            comm.abort()
+
+    async def _dispatch(self, comm, msg):
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            return error_reply(ProtocolError(
+                f"messages are dicts with an 'op' key, not {type(msg)}"))
+        op = msg.pop("op")
+        handler = self.handlers.get(op)
+        if handler is None:
+            self.log.debug("unknown op %r from %s", op, comm.peer_address)
+            return error_reply(ValueError(
+                f"{self.kind} has no handler for op {op!r}"))
+        try:
+            result = handler(comm=comm, **msg)
+            if inspect.isawaitable(result):
+                result = await result
+        except CommClosedError:
+            raise
+        except Exception as exc:
+            self.log.debug("handler %r failed", op, exc_info=True)
+            return error_reply(exc)
+        if result is NO_REPLY:
+            return NO_REPLY
+        return {"status": "OK", "result": result}
+
+    def identity(self, comm=None):
+        return {"type": self.kind, "id": self.id, "address": self.address}
+
+    def get_logs(self, n=None):
+        return self.log_buffer.lines(n)
+
+    def handle_get_logs(self, comm=None, n=None):
+        return self.get_logs(n)
+
+    async def close_server(self):
+        """Stop listening and drop every connection."""
+        if self.listener is not None:
+            self.listener.stop()
+        for comm in list(self._comms):
+            comm.abort()
+        self.pool.close()
+        logs.detach(self.log_buffer, self._log_names)
