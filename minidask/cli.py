@@ -21,7 +21,7 @@ import signal
 import sys
 
 from minidask import logs
-from minidask.comm import parse_host_port
+from minidask.comm import ConnectError, parse_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +181,12 @@ async def _run_bare_worker(args, secret, memory_limit):
                     host=args.host, port=args.port, secret=secret,
                     nanny=args.nanny_address,
                     log_everything=bool(args.nanny_address))
-    await worker.start()
-    if args.nanny_address:
-        await worker.pool.call(args.nanny_address, "worker-started",
-                               address=worker.address, pid=os.getpid())
-    else:
+    try:
+        await worker.start()
+    except ConnectError as exc:
+        print(f"minidask-worker: {exc}", file=sys.stderr)
+        return EXIT_SCHEDULER_LOST
+    if not args.nanny_address:
         _print_address(worker.address)
     await _serve(worker)
     return EXIT_SCHEDULER_LOST if worker.scheduler_lost else 0

@@ -91,9 +91,26 @@ class Nanny(Server):
         return cmd
 
     async def start_worker(self):
-        """Start the worker process and wait until it has registered."""
+        """Start a worker process; return once it listens.
+
+        A process that exits before it has told us its address failed to
+        start (a bad environment, say); up to ``nanny.max-start-failures``
+        such failures in a row are retried, then the error is raised.
+        """
+        failures, limit = 0, int(config.get("nanny.max-start-failures"))
+        while True:
+            try:
+                return await self._start_once()
+            except RuntimeError:
+                failures += 1
+                if failures >= limit or self.status != "running":
+                    raise
+                self.log.warning("worker failed to start (%d of %d tries)",
+                                 failures, limit)
+
+    async def _start_once(self):
         loop = asyncio.get_running_loop()
-        self._started = loop.create_future()
+        started = self._started = loop.create_future()
         env = {**os.environ, **self.env, "MINIDASK_SECRET": self.secret}
         self.process = await asyncio.create_subprocess_exec(
             *self._command(), env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -107,12 +124,12 @@ class Nanny(Server):
         self._watcher = asyncio.ensure_future(self._watch(self.process))
         try:
             self.worker_address = await asyncio.wait_for(
-                asyncio.shield(self._started), self.start_timeout)
+                asyncio.shield(started), self.start_timeout)
         except asyncio.TimeoutError:
             await self.kill_worker()
-            raise TimeoutError(
-                f"worker process {self.process.pid} did not register with "
-                f"{self.scheduler_address} within {self.start_timeout:g} s")
+            raise RuntimeError(
+                f"worker process {self.process.pid} did not start within "
+                f"{self.start_timeout:g} s") from None
         return self.worker_address
 
     def handle_worker_started(self, comm=None, address=None, pid=None):
@@ -120,16 +137,19 @@ class Nanny(Server):
             self._started.set_result(address)
 
     async def _watch(self, process):
+        """Wait for ``process`` to end, then decide what happens next."""
         code = await process.wait()
-        if self._started is not None and not self._started.done():
-            self._started.set_exception(RuntimeError(
+        started = self._started
+        if not started.done():  # _start_once raises; its caller retries
+            started.set_exception(RuntimeError(
                 f"worker process {process.pid} exited with status {code} "
-                f"before it registered with {self.scheduler_address}; its "
-                f"output above says why"))
-            self._started.exception()
-        if self.status != "running" or self._restarting:
+                f"before it started; its output above says why"))
+            started.exception()
             return
-        if code == EXIT_SCHEDULER_LOST or code == 0:
+        if (self.status != "running" or self._restarting
+                or process is not self.process):
+            return
+        if code in (0, EXIT_SCHEDULER_LOST):
             self.log.info("worker process %d closed (status %d): the nanny "
                           "closes too", process.pid, code)
             await self.close()
@@ -138,8 +158,9 @@ class Nanny(Server):
                          process.pid, code)
         try:
             await self.start_worker()
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            self.log.error("could not restart the worker: %s", exc)
+        except RuntimeError as exc:
+            if self.status == "running":
+                self.log.error("could not restart the worker: %s", exc)
             await self.close()
 
     async def kill_worker(self, graceful=False):

@@ -435,8 +435,9 @@ class Scheduler(Server):
                       address, len(running), len(lost))
         for ts in lost:
             self._lose_data(ts)
+        blamed = _likely_running(running, ws.nthreads)
         for ts in running:
-            self._rerun_after_death(ts, ws)
+            self._rerun_after_death(ts, ws, ts in blamed)
         self.transition_counter += 1
 
     def _lose_data(self, ts):
@@ -457,12 +458,12 @@ class Scheduler(Server):
         if ts.wanted:
             self._make_waiting([ts])
 
-    def _rerun_after_death(self, ts, ws):
+    def _rerun_after_death(self, ts, ws, blamed):
         if ts.state != "processing":
             return
-        if ts.executing:
+        ts.executing = False
+        if blamed:
             ts.suspicious += 1
-            ts.executing = False
         if ts.suspicious >= self.allowed_failures:
             exc = KilledWorker(ts.key, ws.address, ts.suspicious,
                                ws.death_cause)
@@ -960,6 +961,20 @@ class Scheduler(Server):
                                f"{failed[0]}")
         await self.handle_wait_for_workers(n=count, timeout=timeout)
         return len(self.workers)
+
+
+def _likely_running(tasks, nthreads):
+    """The tasks a dead worker was probably running when it died.
+
+    Those it said it had started, topped up to one per thread with the
+    first in priority order: a task that kills its worker at once dies
+    before its "task-started" message can leave, and the worker starts
+    tasks in priority order. Blaming every queued task instead would, on
+    a busy cluster, soon err innocent tasks with KilledWorker.
+    """
+    started = [ts for ts in tasks if ts.executing]
+    others = [ts for ts in tasks if not ts.executing]
+    return set(started + others[:max(0, nthreads - len(started))])
 
 
 async def _flush(stream):

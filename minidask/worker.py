@@ -183,6 +183,9 @@ class Worker(Server):
     async def start(self):
         await self.listen(self.host, self.port, self.scheme)
         _capture_prints()
+        if self.nanny:  # tell the nanny we are alive before anything else
+            await self.pool.call(self.nanny, "worker-started",
+                                 address=self.address, pid=os.getpid())
         comm = await self.pool.connect(self.scheduler_address)
         await comm.write({
             "op": "register-worker", "address": self.address,

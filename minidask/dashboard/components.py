@@ -29,9 +29,9 @@ import time
 
 from bokeh.layouts import column
 from bokeh.models import (
-    AdaptiveTicker, ColumnDataSource, DataRange1d, DataTable, Div,
-    FactorRange, HoverTool, NumberFormatter, NumeralTickFormatter,
-    PrintfTickFormatter, Range1d, TableColumn,
+    AdaptiveTicker, ColumnDataSource, DataRange1d, DataTable,
+    DatetimeTickFormatter, Div, FactorRange, HoverTool, NumberFormatter,
+    NumeralTickFormatter, PrintfTickFormatter, Range1d, TableColumn,
 )
 from bokeh.plotting import figure
 
@@ -57,6 +57,10 @@ TASK_STREAM_WINDOW_MS = 30_000
 # Progress shows the newest task groups only: more bars than this would
 # be too thin to read.
 MAX_PROGRESS_GROUPS = 25
+
+# Progress keeps room for this many bars, so that one group draws a bar as
+# thin as each of six would, not one bar filling the whole chart.
+MIN_PROGRESS_ROWS = 6
 
 
 class GroupColors:
@@ -215,6 +219,12 @@ class TaskStream:
             ("duration", "@duration"), ("status", "@status"),
         ]))
         fig.toolbar.logo = None
+        # Clock times only: the date would only repeat itself.
+        fig.xaxis.formatter = DatetimeTickFormatter(
+            milliseconds="%H:%M:%S.%3N", seconds="%H:%M:%S",
+            minsec="%H:%M:%S", minutes="%H:%M", hourmin="%H:%M",
+            hours="%H:%M", context=None,
+        )
         return fig
 
     def update(self):
@@ -300,7 +310,7 @@ class Progress:
         self.source = ColumnDataSource(
             {name: [] for name in self.columns}, name="progress"
         )
-        self.groups = FactorRange(factors=[])
+        self.groups = FactorRange(factors=[], range_padding_units="absolute")
         self._counter = None
         self.figure = self._make_figure()
 
@@ -341,6 +351,9 @@ class Progress:
             self._append_row(data, group, counts[group])
         # Categorical axes go bottom to top; the first group goes on top.
         set_factors(self.groups, groups[::-1])
+        padding = max(MIN_PROGRESS_ROWS - len(groups), 0) / 2
+        if self.groups.range_padding != padding:
+            self.groups.range_padding = padding
         update_source(self.source, data)
 
     def _count(self):
@@ -552,7 +565,8 @@ class WorkerTable:
         workers = list(self.scheduler.workers.values())
         threads = sum(w.nthreads for w in workers)
         limits = [w.memory_limit for w in workers if w.memory_limit]
-        memory = f", {format_bytes(sum(limits))} memory limit" if limits else ""
+        memory = (f", {format_bytes(sum(limits))} memory limit"
+                  if limits else "")
         plural = "" if len(workers) == 1 else "s"
         return (f"<b>{len(workers)} worker{plural}</b>, {threads} threads"
                 f"{memory}")

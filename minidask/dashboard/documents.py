@@ -50,7 +50,10 @@ def build(doc, builder, scheduler, update_interval, page):
     doc.add_root(root)
     doc.title = f"minidask: {page}"
     doc.template = pages.templates.get_template("bokeh_page.html")
-    doc.template_variables.update(pages.page_variables(scheduler, page))
+    request = doc.session_context and doc.session_context.request
+    link_root = pages.relative_root(request.path) if request else ""
+    doc.template_variables.update(
+        pages.page_variables(scheduler, page, link_root))
 
     for component in components:
         _update(component)

@@ -18,6 +18,8 @@ import os
 import jinja2
 import tornado.web
 
+from .components import natural_key
+
 logger = logging.getLogger(__name__)
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
@@ -45,6 +47,16 @@ def routes(scheduler):
         (r"/json/identity\.json", IdentityHandler, context),
         (r"/logs", LogsHandler, context),
     ]
+
+
+def relative_root(path):
+    """The relative link from ``path`` to the dashboard's root folder.
+
+    ``/status`` needs nothing (``workers`` is a sibling), ``/status/`` and
+    ``/a/b`` need ``../``: relative links resolve against the folder of the
+    current path, whatever prefix a proxy added in front of it.
+    """
+    return "../" * (path.count("/") - 1)
 
 
 def page_variables(scheduler, page, root=""):
@@ -107,8 +119,9 @@ class LogsHandler(PageHandler):
             logger.warning("dashboard could not gather worker logs: %r", exc)
             error = f"could not gather the workers' logs: {exc!r}"
             workers = {}
-        for address, lines in sorted(workers.items()):
+        for address, lines in workers.items():
             logs.append((self._worker_name(address), address, lines))
+        logs[1:] = sorted(logs[1:], key=lambda item: natural_key(item[0]))
         self.render_page("logs.html", "logs", logs=logs, error=error, n=n)
 
     def _line_count(self):
@@ -129,9 +142,7 @@ class NotFoundHandler(PageHandler):
     """Any other path: a 404 page with a way back to /status."""
 
     def prepare(self):
-        # "/a/b" needs "../status": relative links resolve against the
-        # folder of the current path, whatever prefix a proxy added.
-        depth = self.request.path.count("/") - 1
         self.set_status(404)
-        self.render_page("not_found.html", None, root="../" * depth,
+        self.render_page("not_found.html", None,
+                         root=relative_root(self.request.path),
                          path=self.request.path)

@@ -24,9 +24,9 @@ would not include the proxy. So this module changes two things:
   the proxy, and false for scripts of any other site the browser has open.
   Bokeh's ``BOKEH_ALLOW_WS_ORIGIN`` still adds origins for other set-ups.
 
-The price of relative URLs: the pages must be one level deep (``/status``,
-not ``/status/``); the trailing-slash form is served but its scripts do not
-load, which is why every link the dashboard writes has no trailing slash.
+``/status/`` works as well as ``/status``: Bokeh also serves its files
+under each document's path, and the links in the navigation bar are
+written for the path the page was asked for.
 """
 
 import asyncio
@@ -121,7 +121,7 @@ async def start_dashboard(scheduler, address):
 
 
 def parse_address(address):
-    """Split ``":8787"``, ``"0.0.0.0:0"`` or ``"[::1]:8787"`` into (host, port).
+    """Split ``":8787"``, ``"0.0.0.0:0"`` or ``"[::1]:8787"`` into host, port.
 
     A bare port (``8787`` or ``"8787"``) is accepted too; an empty host is
     127.0.0.1, so the dashboard is private to this machine unless asked.
@@ -194,6 +194,7 @@ class DashboardApplication(BokehTornado):
             mem_log_frequency_milliseconds=0,
             default_handler_class=pages.NotFoundHandler,
             default_handler_args={"scheduler": scheduler},
+            log_function=_log_request,
         )
         self._use_same_origin_websockets()
 
@@ -219,6 +220,14 @@ class DashboardApplication(BokehTornado):
             for session in list(context.sessions):
                 if not session.destroyed:
                     session.destroy()
+
+
+def _log_request(handler):
+    """Log each request at DEBUG: tornado's access log would print every
+    404 as a warning in the learner's notebook."""
+    request = handler.request
+    logger.debug("%d %s %s %.1f ms", handler.get_status(), request.method,
+                 request.uri, 1000 * request.request_time())
 
 
 class SameOriginWSHandler(WSHandler):

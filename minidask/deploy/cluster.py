@@ -129,6 +129,8 @@ class Cluster:
                     self.workers[name] = handle
             if errors:
                 raise errors[0]
+            await self._pool.call(self.scheduler_address, "wait-for-workers",
+                                  n=len(self.workers), timeout=60)
         elif n < len(self.workers):
             leaving = list(self.workers)[n:]
             await self._retire([self.workers[name] for name in leaving])

@@ -160,7 +160,10 @@ class EmbeddedSSHServer:
         connections = list(self._connections)
         for conn in connections:
             conn.close()
-        await asyncio.gather(*(command.stop() for command in self._commands))
+        commands = list(self._commands)
+        await asyncio.gather(*(command.stop() for command in commands))
+        for command in commands:
+            await command.finished.wait()
         for conn in connections:
             await conn.wait_closed()
 
@@ -281,6 +284,7 @@ class EmbeddedSSHServer:
         try:
             await command.run()
         finally:
+            command.finished.set()
             self._commands.discard(command)
 
     def _environment(self):
@@ -355,15 +359,25 @@ class _Command:
         self.env = env
         self.kill_timeout = kill_timeout
         self.proc = None
+        self.finished = asyncio.Event()
         self._stopping = None
 
     async def run(self):
         """Run the command until it ends or its channel closes."""
-        self.proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", self.process.command,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env, cwd=_home(),
-            start_new_session=True)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", self.process.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env, cwd=_home(), start_new_session=True)
+        except OSError as exc:
+            logger.warning("could not start %r: %s", self.process.command,
+                           exc)
+            self.process.stderr.write(f"minidask embedded ssh server: could"
+                                      f" not start /bin/sh: {exc}\n".encode())
+            self.process.exit(127)
+            return
         logger.debug("started %r as pid %d", self.process.command,
                      self.proc.pid)
 
@@ -377,7 +391,9 @@ class _Command:
         finally:
             relay.cancel()
             closed.cancel()
+            await asyncio.gather(relay, closed, return_exceptions=True)
             await self.stop()
+            await self._read_to_the_end()
 
     async def _relay(self):
         """Copy the channel to the command and back; return its exit code."""
@@ -391,6 +407,22 @@ class _Command:
             return await self.proc.wait()
         finally:
             stdin.cancel()
+            await asyncio.gather(stdin, return_exceptions=True)
+
+    async def _read_to_the_end(self):
+        """Drain the command's pipes, so that asyncio closes them now.
+
+        Left open, they would be closed when garbage collected, perhaps
+        after the event loop has closed.
+        """
+        try:
+            await asyncio.wait_for(asyncio.gather(self.proc.stdout.read(),
+                                                  self.proc.stderr.read()),
+                                   self.kill_timeout)
+        except asyncio.TimeoutError:
+            logger.warning("output of %r still open after its processes"
+                           " ended: a process that left its session holds"
+                           " it", self.process.command)
 
     async def _copy_stdin(self):
         pipe = self.proc.stdin
