@@ -88,7 +88,12 @@ def function_name(func):
 
 
 def make_spec(func_bytes, args, kwargs):
-    return pickle_bytes((func_bytes, args, kwargs))
+    try:
+        return pickle_bytes((func_bytes, args, kwargs))
+    except TypeError:
+        for value in [*args, *kwargs.values()]:
+            pickle_bytes(value)  # raises, naming the argument at fault
+        raise
 
 
 def make_key(func, func_bytes, spec, pure):

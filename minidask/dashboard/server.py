@@ -85,7 +85,7 @@ class Dashboard:
             return
         self._stopped = True
         self._http_server.stop()
-        self._application.close_sessions()
+        await self._application.close_sessions()
         self._application.stop()
         try:
             await asyncio.wait_for(
@@ -212,10 +212,19 @@ class DashboardApplication(BokehTornado):
             path_versioner=StaticHandler.append_version,
         )
 
-    def close_sessions(self):
-        """Close every open websocket and end every document's updates."""
+    async def close_sessions(self, timeout=2):
+        """Close every open websocket, then end every document's updates.
+
+        A websocket closes when the browser answers the close frame; waiting
+        for that (briefly) lets Bokeh let go of the session in its own order.
+        """
         for websocket in list(self.websockets):
             websocket.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.websockets and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
         for context in self.applications.values():
             for session in list(context.sessions):
                 if not session.destroyed:
@@ -254,4 +263,11 @@ class SameOriginWSHandler(WSHandler):
 
     def on_close(self):
         self.application.websockets.discard(self)
-        return super().on_close()
+        connection = self.connection
+        session = connection.session if connection is not None else None
+        if session is not None and session.destroyed:
+            # The browser answered after the dashboard stopped and ended
+            # the session: only the connection is left to forget.
+            self.application.client_lost(connection)
+            return
+        super().on_close()

@@ -102,7 +102,7 @@ class EmbeddedSSHServer:
                 f" {state}>")
 
     def describe(self):
-        """Text telling a person how to reach the server, from Python or ssh."""
+        """Text telling a person how to reach the server: Python or ssh."""
         ssh = shlex.join([
             "ssh", "-p", str(self.port), "-i", self.client_key,
             "-o", f"UserKnownHostsFile={self.known_hosts}",
