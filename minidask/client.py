@@ -176,7 +176,7 @@ class Client:
         self._states = {}
         self._refs = collections.Counter()
         self._lock = threading.Lock()
-        self._releases = []
+        self._outbox = []  # messages for the scheduler, in program order
         self._callbacks = None
         self.scheduler_address = None
         self._stream = None
@@ -334,17 +334,32 @@ class Client:
                 return
             del self._refs[key]
             self._states.pop(key, None)
-            self._releases.append(key)
-            first = len(self._releases) == 1
-        if first and self.status == "running":
-            call_soon(self._send_releases)
+        self._send({"op": "client-releases-keys", "keys": [key]})
 
-    def _send_releases(self):
+    def _send(self, msg):
+        """Queue a message for the scheduler, from any thread.
+
+        Every message goes through this one queue so that the scheduler
+        hears them in the order the program made them: releasing a future
+        must never overtake the submission of a task that depends on it.
+        """
         with self._lock:
-            keys, self._releases = self._releases, []
-        keys = [k for k in keys if k not in self._refs]
-        if keys and self._stream is not None:
-            self._stream.send({"op": "client-releases-keys", "keys": keys})
+            outbox = self._outbox
+            last = outbox[-1] if outbox else None
+            if (last is not None and msg["op"] == last["op"]
+                    == "client-releases-keys"):
+                last["keys"].extend(msg["keys"])
+                return
+            outbox.append(msg)
+            first = len(outbox) == 1
+        if first and self.status == "running":
+            call_soon(self._flush_outbox)
+
+    def _flush_outbox(self):
+        with self._lock:
+            messages, self._outbox = self._outbox, []
+        for msg in messages:
+            self._stream.send(msg)
 
     # -- submitting work --------------------------------------------------------------
 
@@ -410,8 +425,8 @@ class Client:
         for future in futures:
             if future._state.status == "cancelled":
                 future._state.reset()
-        call_soon(self._stream.send, {"op": "update-graph", "tasks": tasks,
-                                      "keys": list(tasks)})
+        self._send({"op": "update-graph", "tasks": tasks,
+                    "keys": list(tasks)})
         return futures
 
     def _check_running(self):
@@ -551,9 +566,8 @@ class Client:
                 if state is not None and not state.event.is_set():
                     self._settle(state, lambda s: s.fail(error, None,
                                                          "cancelled"))
-            self._stream.send({"op": "cancel-keys", "keys": list(keys),
-                               "force": force})
         call_soon(cancel)
+        self._send({"op": "cancel-keys", "keys": list(keys), "force": force})
 
     # -- asking the cluster ------------------------------------------------------------
 
