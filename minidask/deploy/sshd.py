@@ -345,7 +345,7 @@ def _refuse(process, port):
     logger.info("refused a session on port %d: %s not supported", port,
                 what.removeprefix("the "))
     message = (f"minidask embedded ssh server: {what} not supported; run a"
-               f" command instead, for example: ssh -p {port} HOST"
+               f" command instead, for example: ssh -p {port} {HOST}"
                f" 'echo hello'\n")
     process.stderr.write(message.encode())
     process.exit(1)
