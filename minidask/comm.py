@@ -268,20 +268,30 @@ class Comm:
 
     async def write(self, msg):
         """Send one message; raise CommClosedError when the peer is gone."""
+        written = self.write_nowait(msg)
+        try:
+            await written
+        except StreamClosedError as exc:
+            raise CommClosedError(
+                f"connection to {self.peer_address} closed") from exc
+
+    def write_nowait(self, msg):
+        """Queue one message on the socket; return a future of its writing.
+
+        All of a message's frames are queued in this one call, so that
+        messages from different writers never interleave on the wire.
+        """
         frames = dumps(msg)
         lengths = [memoryview(f).nbytes for f in frames]
         header = struct.pack(f"<Q{len(frames)}Q", len(frames), *lengths)
         try:
-            # All writes are queued before the first await, so that messages
-            # from concurrent writers never interleave on the wire.
-            done = self.stream.write(header)
+            written = self.stream.write(header)
             for frame in frames:
-                done = self.stream.write(frame)
-            await done
+                written = self.stream.write(frame)
         except StreamClosedError as exc:
             raise CommClosedError(
                 f"connection to {self.peer_address} closed") from exc
-        return sum(lengths)
+        return written
 
     def closed(self):
         return self.stream.closed()

@@ -147,7 +147,9 @@ class BatchedSend:
         self.buffer = []
         self.sending = False
         self.closed = False
-        self.done = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def send(self, msg):
         if self.closed:
@@ -155,27 +157,45 @@ class BatchedSend:
         self.buffer.append(msg)
         if not self.sending:
             self.sending = True
-            asyncio.get_running_loop().call_soon(self._start)
+            self._idle.clear()
+            self.loop.call_soon(self._write)
 
-    def _start(self):
-        asyncio.ensure_future(self._drain())
-
-    async def _drain(self):
+    def _write(self):
+        if self.closed or not self.buffer:
+            self._stop_sending()
+            return
+        batch, self.buffer = self.buffer, []
         try:
-            while self.buffer and not self.closed:
-                batch, self.buffer = self.buffer, []
-                await self.comm.write(batch)
+            written = self.comm.write_nowait(batch)
         except CommError:
             self.abort()
-        finally:
-            self.sending = False
+            return
+        if written.done():
+            self._written(written)
+        else:
+            written.add_done_callback(self._written)
+
+    def _written(self, written):
+        if written.cancelled() or written.exception() is not None:
+            self.abort()
+        elif self.buffer:
+            self.loop.call_soon(self._write)
+        else:
+            self._stop_sending()
+
+    def _stop_sending(self):
+        self.sending = False
+        self._idle.set()
+
+    async def flush(self):
+        """Wait until everything sent so far has been written."""
+        await self._idle.wait()
 
     def abort(self):
         self.closed = True
         self.buffer = []
         self.comm.abort()
-        if not self.done.done():
-            self.done.set_result(None)
+        self._stop_sending()
 
 
 async def read_stream(comm, handlers, **extra):

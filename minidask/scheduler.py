@@ -288,7 +288,6 @@ class Scheduler(Server):
             ws.stream.send({"op": "close", "reason": "scheduler closing"})
         for cs in list(self.clients.values()):
             cs.stream.send({"op": "scheduler-closing"})
-        await asyncio.sleep(0)  # let the batched messages leave
         for task in list(self._tasks_bg):
             task.cancel()
         if self.dashboard is not None:
@@ -977,12 +976,12 @@ def _likely_running(tasks, nthreads):
     return set(started + others[:max(0, nthreads - len(started))])
 
 
-async def _flush(stream):
-    """Wait until a BatchedSend has written what it holds (briefly)."""
-    for _ in range(100):
-        if not stream.sending or stream.closed:
-            return
-        await asyncio.sleep(0.001)
+async def _flush(stream, timeout=1):
+    """Wait, briefly, until a BatchedSend has written what it holds."""
+    try:
+        await asyncio.wait_for(stream.flush(), timeout)
+    except asyncio.TimeoutError:
+        pass  # a peer that does not read: it is being dropped anyway
 
 
 __all__ = ["Scheduler", "KilledWorker", "CancelledError", "TaskState",
