@@ -100,10 +100,14 @@ class Future:
 
     def result(self, timeout=None):
         """Wait for the result and return it, or raise the task's error."""
-        if not self._state.event.wait(timeout):
+        try:
+            data = self.client._gather_sync([self.key], timeout=timeout)
+        except TimeoutError:
+            if self.done():
+                raise
             raise TimeoutError(
-                f"{self.key!r} was not done within {timeout} s")
-        return self.client._gather_sync([self.key], timeout=timeout)[self.key]
+                f"{self.key!r} was not done within {timeout} s") from None
+        return data[self.key]
 
     def exception(self, timeout=None):
         """The exception the task raised, or None once it finished well."""
