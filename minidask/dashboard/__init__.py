@@ -12,6 +12,12 @@ on its event loop. From then on the same loop also serves:
 ``/status`` and ``/workers`` are Bokeh documents: the browser keeps a
 websocket open and the server pushes only what changed a few times a second
 (``dashboard.update-interval``). Nothing is computed while nobody watches.
+Every URL the pages use is relative, so the dashboard also works behind
+jupyter-server-proxy on Binder and JupyterHub (see ``server.py``).
+
+The dashboard only shows; it accepts no commands. It has no password
+either: anyone who can reach its port can read task names and log lines.
+That is why it listens on 127.0.0.1 unless given another address.
 
 The package has four parts:
 

@@ -79,6 +79,14 @@ class Dashboard:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    def sessions(self):
+        """Return the Bokeh sessions alive now, one per open page.
+
+        A session is kept a few seconds after its page closes, then dropped
+        with its periodic updates: with no session, the dashboard is idle.
+        """
+        return self._application.live_sessions()
+
     async def stop(self):
         """Stop listening, close every open page and end its updates."""
         if self._stopped:
@@ -152,7 +160,7 @@ def _bind_free_port(host, port):
             raise OSError(
                 exc.errno,
                 f"cannot serve the dashboard on {host}:{candidate}: {exc}; "
-                f"use an address of this machine, such as '127.0.0.1:8787'",
+                f"pass another dashboard address, such as '127.0.0.1:8787'",
             ) from exc
         if candidate != port:
             logger.warning(
@@ -200,6 +208,8 @@ class DashboardApplication(BokehTornado):
 
     def _use_same_origin_websockets(self):
         """Serve each document's websocket with SameOriginWSHandler."""
+        # BokehTornado builds its routes from a fixed table, with no way to
+        # name another handler class, so the built routes are retargeted.
         for rule in self.wildcard_router.rules:
             if rule.target is WSHandler:
                 rule.target = SameOriginWSHandler
@@ -211,6 +221,11 @@ class DashboardApplication(BokehTornado):
             root_url="",
             path_versioner=StaticHandler.append_version,
         )
+
+    def live_sessions(self):
+        """The sessions not yet destroyed, of every document."""
+        return [session for context in self.applications.values()
+                for session in context.sessions if not session.destroyed]
 
     async def close_sessions(self, timeout=2):
         """Close every open websocket, then end every document's updates.
@@ -225,10 +240,8 @@ class DashboardApplication(BokehTornado):
         while self.websockets and loop.time() < deadline:
             await asyncio.sleep(0.02)
 
-        for context in self.applications.values():
-            for session in list(context.sessions):
-                if not session.destroyed:
-                    session.destroy()
+        for session in self.live_sessions():
+            session.destroy()
 
 
 def _log_request(handler):
