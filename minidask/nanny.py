@@ -11,7 +11,9 @@ line, where any user could read it with ``ps``. Then it watches:
   ``memory_limit`` is killed and started again, and the scheduler is told
   why, so that a task that keeps doing this errs with a message that says so;
 * a worker that closes because its scheduler went away is not restarted:
-  the nanny closes too.
+  the nanny closes too; but a worker the scheduler dropped because it
+  hung (stopped with SIGSTOP, say) is restarted once it wakes, since the
+  scheduler is still there to take it back.
 
 It is also a server: the scheduler asks it to ``restart`` its worker for
 ``Client.restart()``.
@@ -149,7 +151,8 @@ class Nanny(Server):
         if (self.status != "running" or self._restarting
                 or process is not self.process):
             return
-        if code in (0, EXIT_SCHEDULER_LOST):
+        if code == 0 or (code == EXIT_SCHEDULER_LOST
+                         and not await self._scheduler_answers()):
             self.log.info("worker process %d closed (status %d): the nanny "
                           "closes too", process.pid, code)
             await self.close()
@@ -162,6 +165,15 @@ class Nanny(Server):
             if self.status == "running":
                 self.log.error("could not restart the worker: %s", exc)
             await self.close()
+
+    async def _scheduler_answers(self):
+        """Is the scheduler still there? (It drops workers that hang.)"""
+        try:
+            await self.pool.call(self.scheduler_address, "identity",
+                                 connect_timeout=2)
+            return True
+        except (CommError, OSError):
+            return False
 
     async def kill_worker(self, graceful=False):
         """Stop the worker process; SIGTERM first if ``graceful``."""

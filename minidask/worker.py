@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+import queue
 
 import psutil
 
@@ -102,6 +102,46 @@ def _capture_prints():
         sys.stdout = _TaskOutput(sys.stdout)
 
 
+# -- the threads that run tasks --------------------------------------------
+
+class TaskThreads:
+    """A fixed set of daemon threads running tasks from a queue.
+
+    Lighter than concurrent.futures' pool on the path of every task, and
+    daemon threads do not keep a closing worker process alive while a
+    long task runs: tasks cannot be interrupted, so a closing worker
+    abandons them.
+    """
+
+    def __init__(self, nthreads, name, run, done):
+        self.loop = asyncio.get_running_loop()
+        self.jobs = queue.SimpleQueue()
+        self.run, self.done = run, done
+        self.threads = [
+            threading.Thread(target=self._serve, name=f"{name}-{i}",
+                             daemon=True) for i in range(nthreads)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, *job):
+        self.jobs.put(job)
+
+    def _serve(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            outcome = self.run(*job[1:])
+            try:
+                self.loop.call_soon_threadsafe(self.done, job[0], outcome)
+            except RuntimeError:
+                return  # the event loop is closed: the worker is gone
+
+    def shutdown(self):
+        for _ in self.threads:
+            self.jobs.put(None)
+
+
 # -- sizes ------------------------------------------------------------------
 
 def sizeof(value):
@@ -156,8 +196,7 @@ class Worker(Server):
         self.executing = 0
         self.in_flight = {}  # key -> future of a fetch under way
         self.functions = FunctionCache()
-        self.executor = ThreadPoolExecutor(
-            nthreads, thread_name_prefix=f"minidask-worker-{os.getpid()}")
+        self.threads = None  # started with the worker, on its loop
         self._sequence = itertools.count()
         self._thread_index = {}
         self.scheduler = None  # the BatchedSend stream to the scheduler
@@ -182,6 +221,8 @@ class Worker(Server):
 
     async def start(self):
         await self.listen(self.host, self.port, self.scheme)
+        self.threads = TaskThreads(self.nthreads, "minidask-task",
+                                   self._execute, self._task_done)
         _capture_prints()
         if self.nanny:  # tell the nanny we are alive before anything else
             await self.pool.call(self.nanny, "worker-started",
@@ -259,7 +300,8 @@ class Worker(Server):
             task.cancel()
         if self.scheduler is not None:
             self.scheduler.abort()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.threads is not None:
+            self.threads.shutdown()
         await self.close_server()
         self.data.clear()
         self.status = "closed"
@@ -389,7 +431,6 @@ class Worker(Server):
     # -- running tasks -------------------------------------------------------------
 
     def _run_ready(self):
-        loop = asyncio.get_running_loop()
         while self.ready and self.executing < self.nthreads:
             _, _, key = heapq.heappop(self.ready)
             task = self.tasks.get(key)
@@ -398,10 +439,7 @@ class Worker(Server):
             self.executing += 1
             self.scheduler.send({"op": "task-started", "key": key})
             inputs = {d: self.data[d] for d in task.deps}
-            future = loop.run_in_executor(self.executor, self._execute,
-                                          task.spec, inputs)
-            future.add_done_callback(
-                lambda f, task=task: self._task_done(task, f))
+            self.threads.submit(task, task.spec, inputs)
 
     def _execute(self, spec, inputs):
         """Run one task; this is the only code that runs in the pool."""
@@ -424,14 +462,14 @@ class Worker(Server):
     def print_log(self):
         return logging.LoggerAdapter(print_logger, {"server": self.id})
 
-    def _task_done(self, task, future):
+    def _task_done(self, task, outcome):
         self.executing -= 1
         if self.status == "running":
             self._run_ready()
-        if future.cancelled() or self.tasks.get(task.key) is not task:
-            return  # cancelled, or freed while it ran
+        if self.tasks.get(task.key) is not task:
+            return  # freed while it ran
         del self.tasks[task.key]
-        status, value, tb, start, stop, thread = future.result()
+        status, value, tb, start, stop, thread = outcome
         if status == "ok":
             self.data[task.key] = value
             self.nbytes[task.key] = sizeof(value)
