@@ -52,6 +52,8 @@ def sync(coro, timeout=None):
     try:
         return future.result(timeout)
     except concurrent.futures.TimeoutError:
+        if future.done():  # the coroutine's own TimeoutError: keep it
+            raise
         future.cancel()
         raise TimeoutError(f"no answer within {timeout} s") from None
 
