@@ -97,9 +97,13 @@ class _TaskOutput:
         return getattr(self._stream, name)
 
 
+_capture_lock = threading.Lock()
+
+
 def _capture_prints():
-    if not isinstance(sys.stdout, _TaskOutput):
-        sys.stdout = _TaskOutput(sys.stdout)
+    with _capture_lock:  # two task threads must not wrap it twice
+        if not isinstance(sys.stdout, _TaskOutput):
+            sys.stdout = _TaskOutput(sys.stdout)
 
 
 # -- the threads that run tasks --------------------------------------------
@@ -447,6 +451,9 @@ class Worker(Server):
             threading.get_ident(), len(self._thread_index))
         self._threads.add(threading.get_ident())
         _task_context.log = self.print_log
+        # Again for each task: sys.stdout may have been replaced since the
+        # worker started (contextlib.redirect_stdout, a test runner).
+        _capture_prints()
         start = time.time()
         try:
             result = run_spec(spec, inputs, self.functions)
