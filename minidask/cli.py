@@ -57,6 +57,21 @@ def _print_address(address):
     print(address, flush=True)
 
 
+def _add_tls_options(parser):
+    group = parser.add_argument_group(
+        "TLS", "encrypt every connection (all three are needed)")
+    group.add_argument("--tls-ca-file", help="the cluster's CA certificate")
+    group.add_argument("--tls-cert", help="this server's certificate")
+    group.add_argument("--tls-key", help="the private key of --tls-cert")
+
+
+def _security(args):
+    from minidask.security import Security
+    if args.tls_cert or args.tls_ca_file or args.tls_key:
+        return Security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    return Security.from_config()
+
+
 # -- minidask-scheduler ---------------------------------------------------------
 
 def scheduler_main(argv=None):
@@ -75,6 +90,7 @@ def scheduler_main(argv=None):
     parser.add_argument("--secret-file",
                         help="read the cluster secret from this file "
                              "(- for standard input)")
+    _add_tls_options(parser)
     args = parser.parse_args(argv)
     logs.setup(logging.INFO)
     try:
@@ -93,7 +109,8 @@ async def _run_scheduler(args):
         dash_host, dash_port = parse_host_port(args.dashboard_address, 8787)
         dashboard = f"{dash_host or args.host}:{dash_port}"
     scheduler = Scheduler(host=args.host, port=args.port, secret=secret,
-                          dashboard_address=dashboard)
+                          dashboard_address=dashboard,
+                          security=_security(args))
     await scheduler.start()
     logger.info("secret file for workers and clients: %s",
                 scheduler.secret_file)
@@ -129,6 +146,7 @@ def worker_main(argv=None):
     parser.add_argument("--nanny-address", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", type=int, default=logging.INFO,
                         help=argparse.SUPPRESS)
+    _add_tls_options(parser)
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
     try:
@@ -163,7 +181,7 @@ async def _run_worker(args):
     nanny = Nanny(args.scheduler_address, nthreads=args.nthreads,
                   memory_limit=memory_limit, name=args.name, host=args.host,
                   secret=secret, silence_logs=logging.INFO,
-                  worker_port=args.port)
+                  worker_port=args.port, security=_security(args))
     await nanny.start()
     _print_address(nanny.worker_address)
     await _serve(nanny)
@@ -179,7 +197,7 @@ async def _run_bare_worker(args, secret, memory_limit):
     worker = Worker(args.scheduler_address, nthreads=args.nthreads,
                     memory_limit=memory_limit, name=args.name,
                     host=args.host, port=args.port, secret=secret,
-                    nanny=args.nanny_address,
+                    nanny=args.nanny_address, security=_security(args),
                     log_everything=bool(args.nanny_address))
     try:
         await worker.start()

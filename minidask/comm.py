@@ -30,7 +30,6 @@ import logging
 import os
 import pickle
 import socket
-import ssl
 import struct
 
 import cloudpickle
@@ -305,22 +304,18 @@ class Comm:
 
 # -- connecting and listening ---------------------------------------------------
 
-def tls_options(server_side):
-    """SSL contexts from the comm.tls config keys, or None for plain TCP."""
-    ca, cert, key = (config.get(f"comm.tls.{k}") for k in
-                     ("ca-file", "cert", "key"))
-    if not (ca and cert and key):
-        return None
-    purpose = (ssl.Purpose.CLIENT_AUTH if server_side
-               else ssl.Purpose.SERVER_AUTH)
-    ctx = ssl.create_default_context(purpose, cafile=ca)
-    ctx.load_cert_chain(cert, key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = False  # peers are named by IP; the CA vouches
-    return ctx
+def _tls_context(address, security, server_side):
+    from minidask.security import Security
+    security = security or Security.from_config()
+    if not security.tls:
+        raise ValueError(
+            f"{address} uses TLS but no certificates are configured: set "
+            f"comm.tls.ca-file, comm.tls.cert and comm.tls.key, or connect "
+            f"through the cluster object")
+    return security.context(server_side)
 
 
-async def connect(address, secret, timeout=None):
+async def connect(address, secret, timeout=None, security=None):
     """Open a comm to ``address`` and run the handshake.
 
     Retries while nothing listens there yet (a scheduler may still be
@@ -330,7 +325,8 @@ async def connect(address, secret, timeout=None):
     scheme, host, port = parse_address(address)
     if timeout is None:
         timeout = parse_timedelta(config.get("comm.timeouts.connect"))
-    ssl_ctx = tls_options(server_side=False) if scheme == "tls" else None
+    ssl_ctx = (_tls_context(address, security, server_side=False)
+               if scheme == "tls" else None)
     deadline = asyncio.get_running_loop().time() + timeout
     delay = 0.01
     while True:
@@ -356,8 +352,9 @@ async def connect(address, secret, timeout=None):
     except (StreamClosedError, asyncio.TimeoutError) as exc:
         stream.close()
         raise CommClosedError(
-            f"{address} closed the connection during the handshake; "
-            f"is it a minidask server of the same version?") from exc
+            f"{address} closed the connection during the handshake; is it "
+            f"a minidask server of the same version, and does it use TLS "
+            f"(then its address starts with tls://)?") from exc
     except CommError:
         stream.close()
         raise
@@ -384,9 +381,10 @@ class Listener(TCPServer):
     reaches the handler.
     """
 
-    def __init__(self, handler, secret, scheme="tcp"):
-        self.scheme = scheme
-        ssl_ctx = tls_options(server_side=True) if scheme == "tls" else None
+    def __init__(self, handler, secret, security=None):
+        self.scheme = security.scheme if security else "tcp"
+        ssl_ctx = (_tls_context("this server", security, server_side=True)
+                   if self.scheme == "tls" else None)
         super().__init__(ssl_options=ssl_ctx)
         self.comm_handler = handler
         self.secret = as_secret_bytes(secret)

@@ -215,15 +215,16 @@ async def read_stream(comm, handlers, **extra):
 class ConnectionPool:
     """Reusable connections to peers, for request/reply calls."""
 
-    def __init__(self, secret):
+    def __init__(self, secret, security=None):
         self.secret = secret
+        self.security = security
         self.idle = collections.defaultdict(list)
         self.closed = False
 
     async def connect(self, address, timeout=None):
         """A fresh comm of our own, for a stream; the caller closes it."""
         return await comms.connect(address, self._secret_for(address),
-                                   timeout=timeout)
+                                   timeout=timeout, security=self.security)
 
     def _secret_for(self, address):
         return self.secret if self.secret is not None else secret_for(address)
@@ -263,14 +264,15 @@ class Server:
 
     kind = "Server"
 
-    def __init__(self, secret=None, log_everything=False):
+    def __init__(self, secret=None, log_everything=False, security=None):
         self.id = f"{self.kind}-{uuid.uuid4().hex[:12]}"
         self.secret = secret
+        self.security = security
         self.handlers = {
             "identity": self.identity,
             "get-logs": self.handle_get_logs,
         }
-        self.pool = ConnectionPool(secret)
+        self.pool = ConnectionPool(secret, security)
         self.listener = None
         self.address = None
         self.status = "created"
@@ -290,8 +292,9 @@ class Server:
     def __repr__(self):
         return f"<{self.kind} {self.address or 'not listening'} {self.status}>"
 
-    async def listen(self, host="127.0.0.1", port=0, scheme="tcp"):
-        self.listener = comms.Listener(self.handle_comm, self.secret, scheme)
+    async def listen(self, host="127.0.0.1", port=0):
+        self.listener = comms.Listener(self.handle_comm, self.secret,
+                                       self.security)
         self.address = self.listener.start_listening(host, port)
         return self.address
 

@@ -44,8 +44,8 @@ class Nanny(Server):
     def __init__(self, scheduler_address, nthreads=1, memory_limit=None,
                  name=None, host="127.0.0.1", secret=None,
                  silence_logs=logging.WARNING, worker_port=0,
-                 python=None, env=None, start_timeout=None):
-        super().__init__(secret=secret)
+                 python=None, env=None, start_timeout=None, security=None):
+        super().__init__(secret=secret, security=security)
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.memory_limit = memory_limit
@@ -90,6 +90,8 @@ class Nanny(Server):
             cmd += ["--memory-limit", str(self.memory_limit)]
         if self.name is not None:
             cmd += ["--name", str(self.name)]
+        if self.security is not None:
+            cmd += self.security.cli_args()
         return cmd
 
     async def start_worker(self):

@@ -193,9 +193,9 @@ class Scheduler(Server):
     kind = "Scheduler"
 
     def __init__(self, host="127.0.0.1", port=0, secret=None,
-                 dashboard_address=None, scheme="tcp", write_secret=True):
-        super().__init__(secret=secret)
-        self.host, self.port, self.scheme = host, port, scheme
+                 dashboard_address=None, security=None, write_secret=True):
+        super().__init__(secret=secret, security=security)
+        self.host, self.port = host, port
         self.dashboard_address = dashboard_address
         self.dashboard = None
         self.write_secret = write_secret
@@ -250,7 +250,7 @@ class Scheduler(Server):
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self):
-        await self.listen(self.host, self.port, self.scheme)
+        await self.listen(self.host, self.port)
         register_secret(self.address, self.secret)
         if self.write_secret and self.secret:
             self.secret_file = write_secret_file(

@@ -180,18 +180,19 @@ class Worker(Server):
 
     def __init__(self, scheduler_address, nthreads=1, memory_limit=None,
                  name=None, host="127.0.0.1", port=0, secret=None,
-                 nanny=None, scheme="tcp", log_everything=False):
+                 nanny=None, security=None, log_everything=False):
         comms.parse_address(scheduler_address)
         if not isinstance(nthreads, int) or nthreads < 1:
             raise ValueError(f"nthreads={nthreads!r}: a worker needs a whole "
                              f"number of threads, 1 or more")
-        super().__init__(secret=secret, log_everything=log_everything)
+        super().__init__(secret=secret, log_everything=log_everything,
+                         security=security)
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.memory_limit = (parse_bytes(memory_limit)
                              if memory_limit else None)
         self.name = name
-        self.host, self.port, self.scheme = host, port, scheme
+        self.host, self.port = host, port
         self.nanny = nanny
         self.data = {}
         self.nbytes = {}
@@ -224,7 +225,7 @@ class Worker(Server):
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self):
-        await self.listen(self.host, self.port, self.scheme)
+        await self.listen(self.host, self.port)
         self.threads = TaskThreads(self.nthreads, "minidask-task",
                                    self._execute, self._task_done)
         _capture_prints()
