@@ -790,6 +790,7 @@ class Scheduler(Server):
 
     def handle_task_finished(self, worker, key, nbytes, type, start, stop,
                              thread):
+        """A result is in memory: tell its clients, start what it unblocks."""
         ws = self.workers.get(worker)
         if ws is None:
             return

@@ -88,6 +88,7 @@ def function_name(func):
 
 
 def make_spec(func_bytes, args, kwargs):
+    """Pickle a call into the bytes a worker will run: the task's spec."""
     try:
         return pickle_bytes((func_bytes, args, kwargs))
     except TypeError:

@@ -326,6 +326,7 @@ class Worker(Server):
 
     def handle_compute_task(self, key, spec, priority, group, who_has,
                             nbytes):
+        """Take on a task: fetch its missing inputs, then queue it."""
         if key in self.data:
             self._send_finished(key, time.time(), time.time(), None)
             return
