@@ -301,6 +301,50 @@ def get(key, default=_MISSING):
         return copy.deepcopy(value)
 
 
+def source(key):
+    """Say where the current value of ``key`` was set, for messages.
+
+    Returns ``"config.set"``, ``"environment variable MINIDASK_..."``,
+    ``"config file PATH"``, ``"the package defaults"``, or None when the
+    key has no value. The layers are read again from the disk and the
+    environment and compared with the value in use, highest layer first;
+    a ``config.set`` of the very value a file holds is reported as the
+    file, which is where a user would go to change it.
+    """
+    parts = _key_parts(key)
+    current = get(key, _MISSING)
+    if current is _MISSING or current is None:
+        return None
+    for where, value in reversed(_layers(parts)):
+        if value == current:
+            return where
+    return "config.set"
+
+
+def _layers(parts):
+    """List (where, value) for each layer that sets ``parts``, lowest first."""
+    found = []
+    defaults = _lookup(read_file(DEFAULTS_FILE), parts)
+    if defaults is not _MISSING:
+        found.append(("the package defaults", defaults))
+    for path in search_paths():
+        for file in _files_in(path):
+            try:
+                value = _lookup(read_file(file), parts)
+            except ConfigError:
+                continue  # refresh() reports a broken file; not our job
+            if value is not _MISSING:
+                found.append((f"config file {file}", value))
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX) or name == PATH_VARIABLE:
+            continue
+        names = name[len(ENV_PREFIX):].lower().split("__")
+        if [canonical_key(n) for n in names] == parts:
+            found.append((f"environment variable {name}",
+                          parse_env_value(os.environ[name])))
+    return found
+
+
 def _missing_key_message(key):
     """Explain that ``key`` is missing and suggest the nearest keys."""
     matches = difflib.get_close_matches(key, _flat_keys(config))
