@@ -19,20 +19,18 @@ import asyncio
 import collections
 import concurrent.futures
 import hashlib
-import inspect
 import itertools
 import logging
-import os
 import queue
 import threading
 import uuid
 import weakref
 
-from minidask import config, display
+from minidask import config, display, logs
 from minidask.comm import (CommClosedError, CommError, ConnectError,
                            parse_address)
 from minidask.core import BatchedSend, ConnectionPool, read_stream, secret_for
-from minidask.loop import call_soon, get_loop, sync
+from minidask.loop import call_soon, sync
 from minidask.scheduler import CancelledError
 from minidask.task import (Ref, fill_refs, make_key, make_spec, pickle_bytes,
                            replace_futures)
@@ -159,10 +157,14 @@ class Client:
     """Connect to a cluster and run work on it.
 
     ``Client()`` finds its cluster in this order: the ``scheduler-address``
-    config key (``MINIDASK_SCHEDULER_ADDRESS``), else a new
-    :class:`~minidask.LocalCluster` that this client owns and closes, made
-    with ``cluster_kwargs``. ``Client(cluster)`` uses a cluster object;
-    ``Client("tcp://host:port")`` an address.
+    config key (a config file, ``MINIDASK_SCHEDULER_ADDRESS`` or
+    ``config.set``), else a new :class:`~minidask.LocalCluster` that this
+    client owns and closes, made with ``cluster_kwargs``. A configured
+    address that does not answer within ``timeout`` (default: config
+    ``comm.timeouts.connect``) is an error naming where it was configured,
+    never a reason to start a local cluster instead. ``Client(cluster)``
+    uses a cluster object; ``Client("tcp://host:port")`` an address. One
+    INFO log line says which way the client connected.
 
     Example::
 
@@ -186,8 +188,10 @@ class Client:
         self._stream = None
         self._pool = None
         self._timeout = timeout
-        address, secret, how = self._find_cluster(address, cluster_kwargs)
-        logger.info("%s", how)
+        self._configured_from = None  # where a configured address came from
+        self._scheduler_closing = False
+        logs.setup(logs.stderr_level())  # so that the INFO line is kept
+        address, secret = self._find_cluster(address, cluster_kwargs)
         try:
             sync(self._connect(address, secret, timeout))
         except BaseException:
@@ -197,47 +201,67 @@ class Client:
         _clients.add(self)
 
     def _find_cluster(self, address, cluster_kwargs):
+        """Decide where to connect; return the address and its secret.
+
+        In order: a cluster object, an address, the ``scheduler-address``
+        config key, and last a new LocalCluster. One INFO line says which.
+        """
         if address is not None and cluster_kwargs:
             raise ValueError(
                 f"Client got both an address ({address!r}) and arguments for "
                 f"a new cluster ({', '.join(cluster_kwargs)}): give one")
         if hasattr(address, "scheduler_address"):
             self.cluster = address
-            return (address.scheduler_address, address.secret,
-                    f"connecting to {address.scheduler_address} of "
-                    f"{type(address).__name__} {address.name}")
+            logger.info("connecting to %s of %s %s", address.scheduler_address,
+                        type(address).__name__, address.name)
+            return address.scheduler_address, address.secret
         if address is not None:
             parse_address(address)
-            return (address, secret_for(address),
-                    f"connecting to {address} given to Client()")
+            logger.info("connecting to %s given to Client()", address)
+            return address, secret_for(address)
         configured = config.get("scheduler-address", None)
         if configured:
-            where = _where_configured()
-            if cluster_kwargs:
-                raise ValueError(
-                    f"a scheduler address is configured ({configured}, from "
-                    f"{where}) so Client() will not start a cluster with "
-                    f"{', '.join(cluster_kwargs)}; unset it or drop those")
-            parse_address(configured)
-            self._configured_from = where
-            return (configured, secret_for(configured),
-                    f"connecting to {configured} from {where}")
+            return self._configured(configured, cluster_kwargs)
+        logger.info("no scheduler configured: starting a LocalCluster")
         from minidask.deploy.local import LocalCluster
         self.cluster = LocalCluster(**cluster_kwargs)
         self._owns_cluster = True
-        return (self.cluster.scheduler_address, self.cluster.secret,
-                "no scheduler configured: starting a LocalCluster")
+        return self.cluster.scheduler_address, self.cluster.secret
+
+    def _configured(self, address, cluster_kwargs):
+        """The scheduler named by config: it must answer, or we fail.
+
+        Falling back to a LocalCluster here would hide a typo or a dead
+        scheduler behind a cluster the user did not ask for.
+        """
+        where = self._configured_from = (
+            f"config scheduler-address, set by "
+            f"{config.source('scheduler-address')}")
+        if cluster_kwargs:
+            raise ValueError(
+                f"a scheduler address is configured ({address}, from "
+                f"{where}) so Client() will not start a cluster with "
+                f"{', '.join(cluster_kwargs)}; unset it or drop those")
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (from {where})") from None
+        logger.info("connecting to %s from %s", address, where)
+        return address, secret_for(address)
 
     async def _connect(self, address, secret, timeout):
         self.scheduler_address = address
-        self._pool = ConnectionPool(secret)
+        security = getattr(self.cluster, "security", None)
+        self._pool = ConnectionPool(secret, security)
         try:
             comm = await self._pool.connect(address, timeout)
         except ConnectError as exc:
-            where = getattr(self, "_configured_from", None)
+            where = self._configured_from
             if where:
-                raise ConnectError(f"{exc} (the address is from {where})") \
-                    from exc
+                raise ConnectError(
+                    f"{exc} The address is from {where}: start that "
+                    f"scheduler, or unset the key to have Client() start "
+                    f"a LocalCluster") from exc
             raise
         await comm.write({"op": "register-client", "client": self.id})
         reply = await comm.read()
@@ -250,7 +274,7 @@ class Client:
             "lost-data": self._on_lost_data,
             "task-cancelled": self._on_task_cancelled,
             "restart": self._on_restart,
-            "scheduler-closing": lambda: None,
+            "scheduler-closing": self._on_scheduler_closing,
         }
         self._reader = asyncio.ensure_future(self._listen(comm, handlers))
 
@@ -258,8 +282,12 @@ class Client:
         await read_stream(comm, handlers)
         if self.status == "running":
             self.status = "lost"
-            logger.warning("lost the connection to the scheduler at %s",
-                           self.scheduler_address)
+            if self._scheduler_closing:  # its cluster was closed: no news
+                logger.info("the scheduler at %s closed",
+                            self.scheduler_address)
+            else:
+                logger.warning("lost the connection to the scheduler at %s",
+                               self.scheduler_address)
             error = CommClosedError(
                 f"lost the connection to the scheduler at "
                 f"{self.scheduler_address}: results not yet fetched are gone")
@@ -301,6 +329,9 @@ class Client:
         if state is not None and not state.event.is_set():
             self._settle(state, lambda s: s.fail(
                 CancelledError(f"{key!r} was cancelled"), None, "cancelled"))
+
+    def _on_scheduler_closing(self):
+        self._scheduler_closing = True
 
     def _on_restart(self):
         error = CancelledError("the cluster was restarted: this result is gone")
@@ -423,15 +454,40 @@ class Client:
             "retries": retries, "workers": workers}
         return task, key
 
-    def _send_tasks(self, tasks):
+    def _send_tasks(self, tasks, wanted=None):
+        """Send tasks; return Futures for ``wanted`` keys (default: all)."""
         self._check_running()
-        futures = [Future(key, self) for key in tasks]
+        wanted = list(tasks) if wanted is None else wanted
+        futures = [Future(key, self) for key in wanted]
         for future in futures:
             if future._state.status == "cancelled":
                 future._state.reset()
-        self._send({"op": "update-graph", "tasks": tasks,
-                    "keys": list(tasks)})
+        self._send({"op": "update-graph", "tasks": tasks, "keys": wanted})
         return futures
+
+    def get(self, graph, keys, **kwargs):
+        """Compute a Dask task graph: Dask's scheduler interface.
+
+        ``dask.compute(x, scheduler=client.get)`` runs a Dask collection
+        (``dask.delayed``, ``dask.array``, ...) on this cluster; ``keys``
+        may be nested lists, and the results come back in the same shape.
+        Needs ``dask`` installed here and on the workers.
+        """
+        from minidask import dask_graphs
+        func_bytes = pickle_bytes(dask_graphs.run_node)
+        batch = next(_priority)
+
+        def make_task(func, args, key, group, priority):
+            deps = [ref.key for ref in args[1].values()]
+            return {"spec": make_spec(func_bytes, args, {}), "deps": deps,
+                    "group": group, "priority": (batch, priority),
+                    "retries": 0, "workers": None}
+
+        tasks = dask_graphs.graph_to_tasks(graph, make_task)
+        wanted = list(dict.fromkeys(dask_graphs.flatten_keys(keys)))
+        futures = self._send_tasks(tasks, wanted)
+        values = self.gather(dict(zip(wanted, futures)))
+        return dask_graphs.pack(keys, values)
 
     def _check_running(self):
         if self.status != "running":
@@ -462,6 +518,7 @@ class Client:
         return sync(self._gather(keys, errors), timeout)
 
     async def _gather(self, keys, errors="raise"):
+        """Wait for ``keys``, then fetch their values from the workers."""
         data = {}
         while True:
             states = {k: self._states[k] for k in keys if k not in data}
@@ -692,14 +749,6 @@ def _call_logged(fn, future):
         fn(future)
     except Exception:
         logger.exception("done-callback %r failed", fn)
-
-
-def _where_configured():
-    names = [n for n in os.environ
-             if n.upper().replace("-", "_") == "MINIDASK_SCHEDULER_ADDRESS"]
-    if names:
-        return f"environment variable {names[0]}"
-    return "config key scheduler-address (a config file or config.set)"
 
 
 def _data_key(value, hash_it):
