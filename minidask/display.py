@@ -74,12 +74,14 @@ def _format_percent(value):
 def _link(url):
     """Split a dashboard address into what to link to and what to show.
 
-    Only http and https addresses become links: anything else (a missing
-    dashboard, a ``javascript:`` string from a bad config) is shown as text.
+    Only http and https addresses, and paths on the notebook's own server
+    (``/user/ana/proxy/8787/status``, from a JupyterHub ``dashboard.link``),
+    become links: anything else (a missing dashboard, a ``javascript:``
+    string from a bad config) is shown as text.
     """
     if not url:
         return {"href": None, "text": "not available"}
-    if re.match(r"https?://", str(url), re.IGNORECASE):
+    if re.match(r"https?://|/(?![/\\])", str(url), re.IGNORECASE):
         return {"href": str(url), "text": str(url)}
     return {"href": None, "text": str(url)}
 
