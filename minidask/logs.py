@@ -45,11 +45,21 @@ def setup(stderr_level=logging.WARNING):
 
 
 def stderr_level():
+    """The level from which minidask's lines are printed to stderr."""
     return _stderr_handler.level if _stderr_handler else logging.WARNING
 
 
 class LogBuffer(logging.Handler):
-    """Keep the most recent formatted records of one server."""
+    """Keep the most recent formatted records of one server.
+
+    A record is kept when it is tagged with one of ``owners``; when it
+    was logged from one of ``threads``; and, untagged, when ``everything``
+    is set or, with ``process_lines`` (the default), when it comes from a
+    ``minidask`` logger. Untagged minidask lines (the client's, the
+    comms') belong to the process, so ``process_lines`` suits a server
+    that has its process to itself; servers that share the process of a
+    LocalCluster turn it off, and those lines go to the cluster's log.
+    """
 
     def __init__(self, owner_id, threads=(), maxlen=None, everything=False):
         super().__init__(logging.DEBUG)
@@ -58,6 +68,7 @@ class LogBuffer(logging.Handler):
         self.owners = {owner_id}  # the servers whose tagged lines are ours
         self.threads = threads  # a live set of thread idents owned
         self.everything = everything
+        self.process_lines = True
         self.records = collections.deque(maxlen=maxlen)
         self.setFormatter(logging.Formatter(FORMAT))
 
@@ -66,7 +77,8 @@ class LogBuffer(logging.Handler):
         if owner is not None:
             return owner in self.owners
         return (self.everything or record.thread in self.threads
-                or record.name.startswith("minidask"))
+                or (self.process_lines
+                    and record.name.startswith("minidask")))
 
     def emit(self, record):
         if record.levelno < logging.INFO:
@@ -91,6 +103,7 @@ def attach(buffer, names=("minidask",)):
 
 
 def detach(buffer, names=("minidask",)):
+    """Stop feeding ``buffer``; the lines it holds stay readable."""
     for name in names:
         logging.getLogger(name).removeHandler(buffer)
 

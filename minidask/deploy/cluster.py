@@ -35,38 +35,45 @@ def dashboard_link(host, port, scheme="http"):
     """Format the ``dashboard.link`` template for a dashboard.
 
     The template may name environment variables, such as
-    ``{JUPYTERHUB_SERVICE_PREFIX}``; one that is not set gives the plain
-    link instead, with one warning.
+    ``{JUPYTERHUB_SERVICE_PREFIX}``; one that is not set (or a template
+    that cannot be formatted) gives the plain link instead, with one
+    warning per template.
     """
-    template = config.get("dashboard.link")
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
+    plain = f"{scheme}://{host}:{port}/status"
+    template = config.get("dashboard.link", None) or plain
     fields = {**os.environ, "scheme": scheme, "host": host, "port": port}
     try:
         return template.format(**fields)
     except KeyError as exc:
-        if template not in _warned_templates:
-            _warned_templates.add(template)
-            warnings.warn(
-                f"config dashboard.link {template!r} names {exc.args[0]!r}, "
-                f"which is not set in the environment: showing the plain "
-                f"link instead", stacklevel=2)
-        return f"{scheme}://{host}:{port}/status"
+        problem = (f"names {exc.args[0]!r}, which is not set in the "
+                   f"environment")
+    except (IndexError, ValueError) as exc:
+        problem = f"cannot be formatted ({exc})"
+    if template not in _warned_templates:
+        _warned_templates.add(template)
+        warnings.warn(
+            f"config dashboard.link {template!r} {problem}: showing the "
+            f"plain link {plain} instead", stacklevel=3)
+    return plain
 
 
 class Cluster:
     """A scheduler and workers that this object started and will close."""
 
-    def __init__(self, name=None):
+    def __init__(self, name=None, security=None):
         self.name = name or uuid.uuid4().hex[:8]
         self.id = f"Cluster-{self.name}"
         self.status = "created"
         self.secret = new_secret()
         self.scheduler_address = None
+        self.dashboard_host = None  # None: the scheduler's host
         self.dashboard_port = None
         self.workers = {}  # name -> handle of a worker this cluster started
         self._worker_count = 0
-        self._pool = ConnectionPool(self.secret)
+        self.security = security
+        self._pool = ConnectionPool(self.secret, security)
         self.log = logs.ServerLog(logger, self.id)
         self.log_buffer = logs.LogBuffer(self.id, ())
         logs.attach(self.log_buffer)
@@ -132,10 +139,13 @@ class Cluster:
             await self._pool.call(self.scheduler_address, "wait-for-workers",
                                   n=len(self.workers), timeout=60)
         elif n < len(self.workers):
-            leaving = list(self.workers)[n:]
-            await self._retire([self.workers[name] for name in leaving])
+            leaving = list(self.workers)[n:]  # the newest go first
+            handles = [self.workers[name] for name in leaving]
+            addresses = [h.address for h in handles if h.address]
+            await self._retire(handles)
             for name in leaving:
                 await self.workers.pop(name).close()
+            await self._forgotten(addresses)
             self.log.info("stopped %d workers", len(leaving))
 
     async def _retire(self, handles):
@@ -146,6 +156,23 @@ class Cluster:
                                   workers=addresses)
         except (CommError, OSError) as exc:
             self.log.warning("could not retire workers gracefully: %s", exc)
+
+    async def _forgotten(self, addresses, timeout=10):
+        """Wait until the scheduler no longer lists these workers.
+
+        It forgets a worker when the worker's stream closes, a moment
+        after the worker itself has closed; after ``scale(n)`` returns,
+        ``scheduler_info()`` should already show ``n`` workers.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            info = await self._pool.call(self.scheduler_address,
+                                         "scheduler-info")
+            if not set(addresses) & set(info["workers"]):
+                return
+            await asyncio.sleep(0.01)
+        self.log.warning("the scheduler still lists stopped workers %s",
+                         ", ".join(addresses))
 
     def wait_for_workers(self, n_workers=1, timeout=None):
         """Wait until the scheduler has ``n_workers`` workers."""
@@ -165,7 +192,9 @@ class Cluster:
     def dashboard_link(self):
         if self.dashboard_port is None:
             return None
-        _, host, _ = parse_address(self.scheduler_address)
+        host = self.dashboard_host
+        if host is None:
+            _, host, _ = parse_address(self.scheduler_address)
         return dashboard_link(host, self.dashboard_port)
 
     def scheduler_info(self):
@@ -177,8 +206,10 @@ class Cluster:
     def get_logs(self, cluster=True, scheduler=True, workers=True):
         """Recent log lines, newest first: a mapping of source to text.
 
-        Keys are ``"Cluster"``, ``"Scheduler"`` and one per worker
-        address; ``workers`` may also be a list of worker addresses.
+        Keys are ``"Cluster"`` (this cluster manager and the process it
+        runs in), ``"Scheduler"`` and one per worker address; ``workers``
+        may also be a list of worker addresses. In a notebook the result
+        shows as one section per source.
         """
         return sync(self._get_logs(cluster, scheduler, workers))
 
@@ -192,10 +223,24 @@ class Cluster:
             records["Scheduler"] = await self._pool.call(
                 self.scheduler_address, "get-logs")
         if workers:
-            chosen = None if workers is True else list(workers)
+            chosen = await self._chosen_workers(workers)
             records.update(await self._pool.call(
                 self.scheduler_address, "worker-logs", workers=chosen))
         return display.Logs.from_records(records)
+
+    async def _chosen_workers(self, workers):
+        """The worker addresses ``get_logs(workers=...)`` asks for."""
+        if workers is True:
+            return None
+        chosen = [workers] if isinstance(workers, str) else list(workers)
+        info = await self._pool.call(self.scheduler_address, "scheduler-info")
+        unknown = [a for a in chosen if a not in info["workers"]]
+        if unknown:
+            raise ValueError(
+                f"get_logs(workers=...): no worker at {', '.join(unknown)} "
+                f"in this cluster; its workers are "
+                f"{', '.join(info['workers']) or 'none yet'}")
+        return chosen
 
     def _info(self):
         try:
@@ -235,6 +280,8 @@ class Cluster:
         self._pool.close()
         self.status = "closed"
         self.log.info("%s %s closed", type(self).__name__, self.name)
+        # The lines stay readable with get_logs(); no new ones arrive.
+        logs.detach(self.log_buffer)
 
     def __enter__(self):
         return self
