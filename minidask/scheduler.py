@@ -55,6 +55,7 @@ sent (no work stealing): a worker that turns out slow keeps its queue.
 
 import asyncio
 import collections
+import concurrent.futures
 import heapq
 import inspect
 import logging
@@ -95,8 +96,8 @@ def _rebuild_exception(cls, args):
     return exc
 
 
-class CancelledError(Exception):
-    """A task was cancelled before it finished."""
+class CancelledError(concurrent.futures.CancelledError):
+    """A task was cancelled before it finished, or its result is gone."""
 
 
 class TaskState:

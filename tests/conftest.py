@@ -35,10 +35,11 @@ def _isolated_config(tmp_path_factory, monkeypatch):
 def cluster():
     """Two single-threaded worker processes, shared by a test module."""
     from minidask import LocalCluster
+    before = {p.pid for p in children()}
     with LocalCluster(n_workers=2, threads_per_worker=1,
                       dashboard_address=None) as cluster:
         yield cluster
-    wait_until(lambda: not children(), timeout=10,
+    wait_until(lambda: {p.pid for p in children()} <= before, timeout=10,
                message="worker processes left after the cluster closed")
 
 
