@@ -3,7 +3,8 @@
 Each command starts one server, prints its address on a line of its own
 on standard output once it listens (so that a script, or an SSH cluster,
 can read it), logs to standard error, and stops cleanly on Ctrl-C
-(SIGINT) or SIGTERM.
+(SIGINT) or SIGTERM; with ``--stop-on-eof`` also when its standard input
+ends, which is how ``SSHCluster`` ties each remote command to its channel.
 
 The cluster secret: ``minidask-scheduler`` makes a new one unless
 ``MINIDASK_SECRET`` or ``--secret-file`` gives it, and writes it to a file
@@ -19,11 +20,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from minidask import logs
 from minidask.comm import ConnectError, parse_host_port
 
-logger = logging.getLogger(__name__)
+# Not __name__: run as `python -m minidask.cli` that is "__main__", outside
+# the "minidask" logger tree whose lines reach standard error.
+logger = logging.getLogger("minidask.cli")
 
 
 def _read_secret(path):
@@ -36,25 +40,57 @@ def _read_secret(path):
     return read_secret_file(path)
 
 
-async def _serve(server, stop_signals=(signal.SIGINT, signal.SIGTERM)):
-    """Run ``server`` until a signal arrives or it finishes by itself."""
+async def _serve(server, stop_signals=(signal.SIGINT, signal.SIGTERM),
+                 stop_on_eof=False):
+    """Run ``server`` until a signal arrives or it finishes by itself.
+
+    With ``stop_on_eof``, the end of standard input stops it too: a server
+    started over SSH then ends with its channel, even when the connection
+    is lost without a word (sshd closes the command's stdin either way).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reasons = []
+
+    def stop_because(reason):
+        reasons.append(reason)
+        stop.set()
+
     for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_because,
+                                f"{signal.Signals(sig).name} received")
+    if stop_on_eof:
+        _call_at_eof(loop, stop_because, "standard input closed")
     finished = asyncio.ensure_future(server.finished()) \
         if hasattr(server, "finished") else loop.create_future()
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([finished, waiter],
                        return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
-        logger.info("signal received: closing")
+        logger.info("%s: closing", reasons[0])
         await server.close()
     waiter.cancel()
 
 
+def _call_at_eof(loop, callback, *args):
+    """Call ``callback(*args)`` on ``loop`` once standard input ends."""
+    def read_to_the_end():
+        # Blocking reads in a thread of their own: asyncio cannot watch
+        # every kind of stdin (a file, a terminal) on every platform.
+        while sys.stdin.read(4096):
+            pass
+        loop.call_soon_threadsafe(callback, *args)
+
+    threading.Thread(target=read_to_the_end, name="stdin-eof",
+                     daemon=True).start()
+
+
 def _print_address(address):
     print(address, flush=True)
+
+
+_STOP_ON_EOF_HELP = ("stop when standard input ends, as it does when the "
+                     "SSH channel of a remote command goes away")
 
 
 def _add_tls_options(parser):
@@ -90,6 +126,8 @@ def scheduler_main(argv=None):
     parser.add_argument("--secret-file",
                         help="read the cluster secret from this file "
                              "(- for standard input)")
+    parser.add_argument("--stop-on-eof", action="store_true",
+                        help=_STOP_ON_EOF_HELP)
     _add_tls_options(parser)
     args = parser.parse_args(argv)
     logs.setup(logging.INFO)
@@ -115,7 +153,7 @@ async def _run_scheduler(args):
     logger.info("secret file for workers and clients: %s",
                 scheduler.secret_file)
     _print_address(scheduler.address)
-    await _serve(scheduler)
+    await _serve(scheduler, stop_on_eof=args.stop_on_eof)
 
 
 # -- minidask-worker --------------------------------------------------------------
@@ -143,6 +181,8 @@ def worker_main(argv=None):
     parser.add_argument("--secret-file",
                         help="read the cluster secret from this file "
                              "(- for standard input)")
+    parser.add_argument("--stop-on-eof", action="store_true",
+                        help=_STOP_ON_EOF_HELP)
     parser.add_argument("--nanny-address", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", type=int, default=logging.INFO,
                         help=argparse.SUPPRESS)
@@ -184,7 +224,7 @@ async def _run_worker(args):
                   worker_port=args.port, security=_security(args))
     await nanny.start()
     _print_address(nanny.worker_address)
-    await _serve(nanny)
+    await _serve(nanny, stop_on_eof=args.stop_on_eof)
     return 0
 
 
@@ -206,7 +246,7 @@ async def _run_bare_worker(args, secret, memory_limit):
         return EXIT_SCHEDULER_LOST
     if not args.nanny_address:
         _print_address(worker.address)
-    await _serve(worker)
+    await _serve(worker, stop_on_eof=args.stop_on_eof)
     return EXIT_SCHEDULER_LOST if worker.scheduler_lost else 0
 
 
