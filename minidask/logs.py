@@ -57,8 +57,9 @@ class LogBuffer(logging.Handler):
     is set or, with ``process_lines`` (the default), when it comes from a
     ``minidask`` logger. Untagged minidask lines (the client's, the
     comms') belong to the process, so ``process_lines`` suits a server
-    that has its process to itself; servers that share the process of a
-    LocalCluster turn it off, and those lines go to the cluster's log.
+    that has its process to itself, or leads it as a LocalCluster's
+    scheduler does; the workers that run as threads of a LocalCluster
+    turn it off, and keep only their own lines.
     """
 
     def __init__(self, owner_id, threads=(), maxlen=None, everything=False):

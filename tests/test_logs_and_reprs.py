@@ -134,6 +134,22 @@ def test_logs_html_has_a_section_per_source_with_its_warnings(cluster,
     assert text.startswith("Logs({") and f"'{here}':" in text
 
 
+def test_thread_workers_keep_only_their_own_lines():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        with Client(cluster):
+            logs = cluster.get_logs()
+    workers = [source for source in logs if source.startswith("tcp://")]
+    assert len(workers) == 2
+    connecting = f"connecting to {cluster.scheduler_address}"
+    assert connecting in logs["Cluster"]
+    for address in workers:
+        assert f"worker at {address}" in logs[address]
+        assert connecting not in logs[address]
+        other = next(a for a in workers if a != address)
+        assert f"worker at {other}" not in logs[address]
+
+
 def test_get_logs_after_close_keeps_the_cluster_lines():
     cluster = LocalCluster(n_workers=1, threads_per_worker=1,
                            processes=False, dashboard_address=None)

@@ -40,17 +40,17 @@ class _WorkerHandle:
             logs.detach(self.server.log_buffer, ("",))
 
 
-def _share_process(server):
-    """Fit the log of a server that runs in this process to its place.
+def _share_process(worker):
+    """Fit the log of a worker that runs as threads in this process.
 
-    It shares the process with the client, the cluster and other servers:
-    its log keeps its own lines, not theirs (those are the cluster's). A
-    worker also listens to the root logger, for the lines that user code
-    logs in its task threads.
+    It shares the process with the client, the cluster, the scheduler and
+    other workers: its log keeps its own lines and its tasks', not theirs.
+    (The scheduler's log keeps the process's lines, as it would on its
+    own: a connection its comms refused belongs there.) It also listens
+    to the root logger, for the lines that user code logs in its tasks.
     """
-    server.log_buffer.process_lines = False
-    if isinstance(server, Worker):
-        logs.attach(server.log_buffer, ("",))
+    worker.log_buffer.process_lines = False
+    logs.attach(worker.log_buffer, ("",))
 
 
 class LocalCluster(Cluster):
@@ -147,7 +147,6 @@ class LocalCluster(Cluster):
             host=self.host, port=self.scheduler_port, secret=self.secret,
             dashboard_address=self.dashboard_address,
             security=self.security)
-        _share_process(self.scheduler)
         await self.scheduler.start()
         self.scheduler_address = self.scheduler.address
         if self.scheduler.dashboard is not None:
