@@ -21,9 +21,9 @@ the environment variables a client sends, and none of it is secret.
 
 The command starts as ``echo <mark> $$; exec env ... python -m ...``: the
 login shell prints its pid, then becomes the minidask command, so that pid
-is the command's own. sshd starts every session as a session (and so a
-process group) of its own, so the pid is also the id of the command's
-process group.
+is the command's own. sshd makes every command it runs the leader of a
+new process group (with ``setsid``), so the pid is also the id of the
+command's process group.
 
 Ending a remote command (a design note)
 ---------------------------------------
@@ -31,8 +31,8 @@ The naive approach is to close the SSH connection and trust the server to
 end the command. OpenSSH does not: without a terminal, a command whose
 channel has closed runs on until it next reads its input or writes its
 output, and a minidask scheduler may do neither for hours. The next idea,
-a "signal" request over the channel, OpenSSH refuses for root logins
-("session signalling requires privilege separation").
+a "signal" request over the channel, OpenSSH refuses for root logins,
+which it serves without privilege separation.
 
 What we do instead, in three steps:
 
@@ -49,8 +49,8 @@ What we do instead, in three steps:
 
 What we accept: a command that hangs before minidask reads its input
 outlives a client that dies, since nobody is left to run step 2. A
-nanny's worker process runs in a session of its own, out of reach of
-step 2's SIGKILL; its nanny stops it in step 1 (or on SIGTERM), and it
+nanny's worker process leads a process group of its own, out of reach
+of step 2's SIGKILL; its nanny stops it in step 1 (or on SIGTERM), and it
 stops by itself once its scheduler is gone. Remote login shells must be
 POSIX shells (sh, dash, bash, ksh, zsh), for ``$$``, ``exec`` and ``kill``.
 TLS is not set up over SSH: the comms of an SSH cluster are authenticated
@@ -79,13 +79,14 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 
 import asyncssh
 
 from minidask import config, logs
-from minidask.comm import parse_address, parse_host_port
+from minidask.comm import CommError, parse_address, parse_host_port
 from minidask.core import (forget_secret, register_secret, secret_file_for,
                            write_secret_file)
 from minidask.deploy.cluster import Cluster
@@ -138,10 +139,6 @@ async def connect(host, options, timeout):
     """Open an SSH connection to ``host``; an error says what to do."""
     port = options.get("port") or 22
     where = f"{host}:{port}"
-    if options.get("known_hosts", ()) is None:
-        logger.warning("connect_options has known_hosts=None: the host key "
-                       "of %s is not checked, so anyone on the way could "
-                       "pose as it", where)
     logger.debug("connecting to %s over ssh", where)
     try:
         return await asyncio.wait_for(asyncssh.connect(host, **options),
@@ -160,6 +157,10 @@ async def connect(host, options, timeout):
     except asyncssh.Error as exc:
         raise SSHConnectError(f"the SSH connection to {where} failed: "
                               f"{exc.reason}") from exc
+    except socket.gaierror as exc:
+        raise SSHConnectError(f"could not find the host {host!r} "
+                              f"({exc.strerror}): check its spelling, or "
+                              f"give its IP address") from exc
     except OSError as exc:
         raise SSHConnectError(
             f"could not connect to {where} over SSH: "
@@ -179,11 +180,12 @@ def _host_key_message(host, port, options, exc):
                else f"ssh-keyscan -p {port} {host}")
     return (f"the SSH host key of {host}:{port} is not trusted "
             f"({exc.reason}): it is not in {where}, or differs from the "
-            f"key there. If you trust the host (compare the key's "
-            f"fingerprint with `ssh-keygen -lf` of its host key, run on "
-            f"the host), add its key with `{keyscan} >> "
-            f"~/.ssh/known_hosts`, or pass a known_hosts file that holds it "
-            f"as connect_options={{'known_hosts': path}}")
+            f"key there. If you trust the host, add its key with "
+            f"`{keyscan} >> ~/.ssh/known_hosts` (after checking its "
+            f"fingerprint against `ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_ed25519_key.pub` run on the host), or pass "
+            f"a known_hosts file that holds it as "
+            f"connect_options={{'known_hosts': path}}")
 
 
 def _login_message(host, port, options, exc):
@@ -262,6 +264,7 @@ class RemoteProcess:
         self.process = None
         self._closed = None  # done once the command's channel has closed
         self._readers = []
+        self._watcher = None
         self._stopping = False
 
     def __repr__(self):
@@ -288,12 +291,16 @@ class RemoteProcess:
             raise RemoteCommandError(self._failure(
                 f"did not start within {timeout:g} s (config "
                 f"ssh.timeouts.startup)")) from None
+        except (asyncssh.Error, OSError) as exc:
+            await self.stop(grace=0)
+            raise RemoteCommandError(self._failure(
+                f"could not be run: {exc}")) from exc
         except BaseException:
             await self.stop(grace=0)
             raise
         self._readers.append(asyncio.ensure_future(
             self._keep(self.process.stdout)))
-        asyncio.ensure_future(self._watch())
+        self._watcher = asyncio.ensure_future(self._watch())
         self.log.info("%s on %s listening at %s", self.role, self.where,
                       self.address)
         return self.address
@@ -371,21 +378,22 @@ class RemoteProcess:
             await self._disconnect()
 
     async def _end(self, grace):
+        """End of input first; signals for a command that outlives it."""
         try:
             self.process.stdin.write_eof()
         except (asyncssh.Error, OSError):
             pass  # the channel is already going away
         if await self._ended_within(grace):
             return
-        for name in ("TERM", "KILL"):
-            if grace:
-                self.log.warning("%s on %s still runs %g s after its input "
-                                 "closed: sending SIG%s", self.role,
-                                 self.where, grace, name)
-            await self._signal(name)
-            if await self._ended_within(_KILL_WAIT):
-                return
-            grace = _KILL_WAIT
+        if grace:
+            self.log.warning("%s on %s still runs %g s after its input "
+                             "closed", self.role, self.where, grace)
+        await self._signal("TERM")
+        if await self._ended_within(_KILL_WAIT):
+            return
+        await self._signal("KILL")
+        if await self._ended_within(_KILL_WAIT):
+            return
         self.log.warning("could not stop the %s on %s (pid %s): it may "
                          "still run there", self.role, self.where, self.pid)
 
@@ -397,9 +405,11 @@ class RemoteProcess:
         """Signal the command's process group from a second channel."""
         if self.pid is None:
             return  # the shell never said its pid: there is nothing to aim at
-        # The group first; the pid alone in case a server did not give the
-        # command a session of its own.
+        # The group first; the pid alone in case a server did not make the
+        # command the leader of a process group.
         command = f"kill -s {name} -- -{self.pid} {self.pid} 2>/dev/null"
+        self.log.info("sending SIG%s to the %s on %s (process group %d)",
+                      name, self.role, self.where, self.pid)
         try:
             await asyncio.wait_for(self.conn.run(command, check=False),
                                    _KILL_WAIT)
@@ -483,7 +493,11 @@ class SSHCluster(Cluster):
     hosts : list of str
         Host names or addresses. The first runs the scheduler, every later
         entry one worker under a nanny; repeat a host for several workers
-        on it (``["node0", "node1", "node1"]``).
+        on it (``["node0", "node1", "node1"]``). Each is also the address
+        its scheduler or worker listens on, so it must mean that host to
+        the other hosts and to this machine (not an alias of
+        ``~/.ssh/config``); the ``host`` of ``worker_options`` and
+        ``scheduler_options`` sets another one.
     connect_options : dict or list of dict, optional
         Arguments for ``asyncssh.connect``: ``port``, ``username``,
         ``client_keys``, ``known_hosts``... One dict for every host, or a
@@ -492,7 +506,8 @@ class SSHCluster(Cluster):
         host key against ``~/.ssh/known_hosts``: an unknown host is refused.
     worker_options : dict, optional
         Options of ``minidask-worker``: ``nthreads`` (default 1),
-        ``memory_limit`` (default "auto": all of the host's memory),
+        ``memory_limit`` (default "auto": the host's usable memory, for
+        each worker on it; ``"4 GiB"``, a fraction, or 0 for no limit),
         ``host`` (where the worker listens; default the worker's host, as
         given in ``hosts``) and ``nanny`` (default True).
     scheduler_options : dict, optional
@@ -554,22 +569,42 @@ class SSHCluster(Cluster):
             config.get("ssh.timeouts.connect"))
         self.startup_timeout = parse_timedelta(
             config.get("ssh.timeouts.startup"))
-        self.env = _config_env()
+        # An empty MINIDASK_SECRET, lest one set in a remote environment win
+        # over the secret that the commands read on their standard input.
+        self.env = {"MINIDASK_SECRET": "", **_config_env()}
         self.scheduler_process = None
         self.remote = {}  # get_logs() key -> RemoteProcess, stopped ones too
         logs.setup(logs.stderr_level())
         super().__init__(name=name)
+        self._warn_unchecked_host_keys()
         sync(self._start(len(self.hosts) - 1))
+
+    def _warn_unchecked_host_keys(self):
+        unchecked = sorted({
+            host for host, options in zip(self.hosts, self.connect_options)
+            if "known_hosts" in options and options["known_hosts"] is None})
+        if unchecked:
+            self.log.warning(
+                "connect_options has known_hosts=None for %s: host keys "
+                "are not checked, so anyone on the way could pose as the "
+                "host", ", ".join(unchecked))
 
     # -- what the Cluster base asks of us ---------------------------------
 
     async def _start_scheduler(self):
         process = self.scheduler_process = self._remote_process(
             "scheduler", 0, self._scheduler_argv())
-        self.scheduler_address = await process.start(self.startup_timeout)
-        register_secret(self.scheduler_address, self.secret)
-        info = await self._pool.call(self.scheduler_address,
-                                     "scheduler-info")
+        address = self.scheduler_address = await process.start(
+            self.startup_timeout)
+        register_secret(address, self.secret)
+        try:
+            info = await self._pool.call(address, "scheduler-info")
+        except (CommError, OSError) as exc:
+            raise SSHClusterError(
+                f"the scheduler on {process.where} listens at {address}, "
+                f"but this process cannot talk to it: {exc}. Can this "
+                f"machine reach {address}? scheduler_options={{'host': "
+                f"...}} sets the address it listens on") from exc
         self.dashboard_port = info["services"].get("dashboard")
         self.dashboard_host = self._dashboard_host()
 
@@ -639,14 +674,15 @@ class SSHCluster(Cluster):
         if "nthreads" in options:
             argv += ["--nthreads", str(options["nthreads"])]
         if "memory_limit" in options:
-            argv += ["--memory-limit", str(options["memory_limit"])]
+            limit = options["memory_limit"]
+            argv += ["--memory-limit", "0" if limit is None else str(limit)]
         if not options.get("nanny", True):
             argv.append("--no-nanny")
         return argv
 
     def _dashboard_host(self):
-        """The host of the dashboard link: the scheduler's host unless the
-        dashboard was given a host of its own (other than "every network")."""
+        """Where the dashboard link points: the scheduler's host, unless
+        ``dashboard_address`` names a host other than "every network"."""
         address = self.scheduler_options.get("dashboard_address")
         if address:
             host, _ = parse_host_port(str(address), 8787)
