@@ -93,7 +93,8 @@ class LocalCluster(Cluster):
     silence_logs : int, str or bool
         Log level from which minidask's log lines are printed to standard
         error: ``logging.WARNING`` (default) or ``"WARNING"``; False prints
-        INFO lines too. Lines below it are still kept for ``get_logs()``.
+        INFO lines too. ``get_logs()`` keeps INFO lines and above whatever
+        this says.
     name : str, optional
         A name shown in reprs and logs.
     security : bool or Security, optional
