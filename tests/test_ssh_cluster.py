@@ -445,6 +445,33 @@ def test_minidask_ssh_serves_until_sigterm(server, python):
     assert_nothing_left(python)
 
 
+def test_minidask_ssh_stops_when_its_scheduler_ends(embedded_ssh_server,
+                                                    shared_dir):
+    server = embedded_ssh_server
+    python = python_link(sys.executable, shared_dir)
+    connect = server.connect_options
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minidask.cli", "ssh", server.host,
+         server.host, "--ssh-port", str(connect["port"]),
+         "--identity-file", connect["client_keys"][0],
+         "--known-hosts", connect["known_hosts"], "--remote-python", python,
+         "--scheduler-port", "0", "--no-dashboard"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("tcp://")
+        (scheduler,) = [p for p in running(python)
+                        if "scheduler" in p.cmdline()]
+        scheduler.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    assert proc.returncode == 1
+    assert "the scheduler ended: closing the cluster" in stderr
+    assert_nothing_left(python)
+
+
 def test_minidask_ssh_reports_a_failure_and_exits_nonzero():
     port = free_port()
     result = subprocess.run(

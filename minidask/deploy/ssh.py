@@ -274,6 +274,11 @@ class RemoteProcess:
     def where(self):
         return f"{self.host}:{self.port}"
 
+    @property
+    def ended(self):
+        """Whether the command has ended (its channel has closed)."""
+        return self._closed is not None and self._closed.done()
+
     def output(self):
         """What the command printed on stdout and stderr, newest first."""
         return "\n".join(reversed(self.lines))
@@ -372,7 +377,7 @@ class RemoteProcess:
         if self.conn is None:
             return
         try:
-            if self._closed is not None and not self._closed.done():
+            if self._closed is not None and not self.ended:
                 await self._end(grace)
         finally:
             await self._disconnect()
@@ -756,9 +761,15 @@ def ssh_main(argv=None):
         if cluster.dashboard_link:
             logger.info("dashboard at %s", cluster.dashboard_link)
         print(cluster.scheduler_address, flush=True)
-        stop.wait()
-        logger.info("signal received: closing the cluster")
+        while not stop.wait(1):
+            if cluster.scheduler_process.ended:
+                logger.error("the scheduler ended: closing the cluster")
+                break
+        else:
+            logger.info("signal received: closing the cluster")
     path.unlink(missing_ok=True)
+    if not stop.is_set():
+        raise SystemExit(1)
 
 
 def _parser():
