@@ -416,8 +416,8 @@ class Fuzzer:
                 op, params = rng.choice(sorted(REQUEST_OPS[role].items()))
                 msg = {"op": op, **odd_kwargs(rng, params)}
             outcome = await _ask(comm, msg)
-            if outcome == "dropped":
-                break
+            if outcome in ("dropped", "silent"):
+                break  # a read may still be under way: use a new comm
         comm.abort()
         return outcome
 
@@ -556,7 +556,8 @@ def _rss(pid):
 
 def known_peers(client):
     def peers(dask_scheduler):
-        return (sorted(dask_scheduler.workers), sorted(dask_scheduler.clients))
+        return (sorted(dask_scheduler.workers, key=str),
+                sorted(dask_scheduler.clients, key=str))
     return client.run_on_scheduler(peers)
 
 
@@ -653,7 +654,7 @@ def test_fuzz_short(layer, tmp_path):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layer", ["wire", "requests", "streams"])
 def test_fuzz_long(layer, tmp_path):
-    fuzz_run(layer, count=20_000, seconds=240, tmp_path=tmp_path,
+    fuzz_run(layer, count=7_000, seconds=120, tmp_path=tmp_path,
              seed=SEED + 1)
 
 
@@ -726,6 +727,24 @@ def test_refusals_are_warnings_in_the_scheduler_log(cluster):
                  if level == "WARNING"]
     assert any("handshakes already pending" in line for line in lines)
     assert any("wrong or missing cluster secret" in line for line in lines)
+
+
+def test_the_secret_is_in_no_log_and_on_no_command_line(capfd):
+    with LocalCluster(n_workers=1, threads_per_worker=1, silence_logs=False,
+                      dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert client.submit(inc, 1).result(timeout=30) == 2
+        with pytest.raises(AuthenticationError):
+            sync(connect(cluster.scheduler_address, "not the secret"))
+        sync(flood(cluster.scheduler_address))
+        commands = [" ".join(p.cmdline()) for p in
+                    psutil.Process().children(recursive=True)]
+        logs = cluster.get_logs()
+        secret = cluster.secret
+    out, err = capfd.readouterr()  # this process's and the workers' output
+    assert commands and "INFO" in err
+    for text in [out, err, *logs.values(), *commands]:
+        assert secret not in text
 
 
 # -- what the fuzzer found, one reproduction each -----------------------------
@@ -834,7 +853,9 @@ def test_a_bad_heartbeat_does_not_break_scheduler_info():
         sync(comm.write([{"op": "heartbeat", "metrics": 5}]))
         time.sleep(0.2)
         try:
-            assert len(client.scheduler_info()["workers"]) == 2
+            # the peer that sent it is dropped; the real worker stays
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 1,
+                       timeout=5)
             with Client(cluster) as another:
                 assert another.submit(inc, 1).result(timeout=5) == 2
         finally:

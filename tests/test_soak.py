@@ -1,7 +1,7 @@
 """Soak: minutes of ordinary mixed work, with memory that stays flat.
 
 One LocalCluster (two single-threaded worker processes) runs, for
-``MINIDASK_SOAK_SECONDS`` seconds (420 by default), a seeded random mix
+``MINIDASK_SOAK_SECONDS`` seconds (480 by default), a seeded random mix
 of what users do: maps and reductions, scatter, cancellations, futures
 released before they finish, large results, failing tasks, and two
 restarts. Every answer is checked. The memory of the cluster's process
@@ -31,7 +31,7 @@ import pytest
 from minidask import CancelledError, Client, LocalCluster
 from helpers import wait_until
 
-SOAK_SECONDS = float(os.environ.get("MINIDASK_SOAK_SECONDS", 420))
+SOAK_SECONDS = float(os.environ.get("MINIDASK_SOAK_SECONDS", 480))
 SEED = 4_242
 MiB = 2**20
 RESTARTS = 2
