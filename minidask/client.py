@@ -17,6 +17,7 @@ here are synchronous wrappers that hand work to it and wait.
 
 import asyncio
 import collections
+import copy
 import concurrent.futures
 import hashlib
 import itertools
@@ -525,7 +526,7 @@ class Client:
             for key, state in states.items():
                 await state.aio_event.wait()
                 if state.status != "finished" and errors == "raise":
-                    raise state.exception
+                    raise _fresh(state.exception)
             wanted = {k: s for k, s in states.items()
                       if s.status == "finished"}
             if not wanted:
@@ -742,6 +743,20 @@ class Client:
 
     def _repr_html_(self):
         return display.client_html(self._info())
+
+
+def _fresh(exception):
+    """A copy of a task's exception, to raise.
+
+    Raising the stored exception itself would attach to it a traceback
+    whose frames hold the Future, so that dropping the Future would no
+    longer release its key until the garbage collector came by.
+    """
+    try:
+        fresh = copy.copy(exception)
+    except Exception:
+        return exception
+    return fresh if type(fresh) is type(exception) else exception
 
 
 def _call_logged(fn, future):

@@ -198,16 +198,33 @@ class BatchedSend:
         self._stop_sending()
 
 
-async def read_stream(comm, handlers, **extra):
-    """Dispatch each message of each batch on ``comm`` until it closes."""
+async def read_stream(comm, handlers, log=logger, **extra):
+    """Dispatch each message of each batch on ``comm`` until it closes.
+
+    A peer whose message no handler takes, or takes with an error, is
+    dropped (the comm is closed): the only safe choice, since its later
+    messages may depend on the one that failed, and the rest of the
+    cluster must go on. The handlers check a message before they change
+    any state.
+    """
     try:
         while True:
             batch = await comm.read()
+            if not isinstance(batch, list):
+                raise ProtocolError(f"a stream carries lists of messages, "
+                                    f"not {type(batch).__name__}")
             for msg in batch:
+                if not isinstance(msg, dict) or msg.get("op") not in handlers:
+                    raise ProtocolError(f"unknown stream message {msg!r:.80}")
                 op = msg.pop("op")
                 handlers[op](**msg, **extra)
     except CommClosedError:
         pass
+    except Exception as exc:
+        log.warning("dropped the stream from %s after a bad message: %s: %s",
+                    comm.peer_address, type(exc).__name__, exc)
+        log.debug("bad message", exc_info=True)
+        comm.abort()
 
 
 # -- connections out ----------------------------------------------------------

@@ -392,6 +392,7 @@ class Scheduler(Server):
     async def handle_register_worker(self, comm, address, name, nthreads,
                                      memory_limit=None, nanny=None,
                                      host=None, pid=None, keys=()):
+        _check_worker(address, name, nthreads, memory_limit, nanny)
         if address in self.workers:
             await comm.write({"status": "error", "exception": ValueError(
                 f"a worker at {address} is already registered")})
@@ -411,9 +412,12 @@ class Scheduler(Server):
                       address, name, nthreads)
         self._worker_arrived.set()
         self._assign_unrunnable()
-        await read_stream(comm, self.worker_handlers, worker=address)
-        if self.workers.get(address) is ws:
-            self.remove_worker(address)
+        try:
+            await read_stream(comm, self.worker_handlers, log=self.log,
+                              worker=address)
+        finally:
+            if self.workers.get(address) is ws:
+                self.remove_worker(address)
         return NO_REPLY
 
     def remove_worker(self, address):
@@ -488,8 +492,11 @@ class Scheduler(Server):
         self.clients[client] = cs
         await comm.write({"status": "OK", "result": self.identity()})
         self.log.info("client %s connected", client)
-        await read_stream(comm, self.client_handlers, client=client)
-        self.remove_client(client)
+        try:
+            await read_stream(comm, self.client_handlers, log=self.log,
+                              client=client)
+        finally:
+            self.remove_client(client)
         return NO_REPLY
 
     def remove_client(self, client):
@@ -513,6 +520,7 @@ class Scheduler(Server):
         cs = self.clients.get(client)
         if cs is None:
             return
+        _check_graph(tasks, keys)
         new = []
         for key, task in tasks.items():
             if key in self.tasks:
@@ -795,6 +803,8 @@ class Scheduler(Server):
         ws = self.workers.get(worker)
         if ws is None:
             return
+        _check_timing(start, stop, thread)
+        _expect(nbytes, int, "nbytes")
         ts = self._processing_here(key, worker)
         if ts is None:
             self._stale_result(ws, key)
@@ -833,6 +843,8 @@ class Scheduler(Server):
 
     def handle_task_erred(self, worker, key, exception, traceback, start,
                           stop, thread):
+        _check_timing(start, stop, thread)
+        _expect(traceback, str, "traceback", optional=True)
         ts = self._processing_here(key, worker)
         if ts is None:
             return
@@ -849,6 +861,7 @@ class Scheduler(Server):
 
     def handle_missing_data(self, worker, key, dep, holders):
         """``worker`` could not fetch ``dep`` for ``key`` from ``holders``."""
+        _expect(holders, (list, tuple), "holders")
         dts = self.tasks.get(dep)
         if dts is not None:
             for address in holders:
@@ -869,6 +882,7 @@ class Scheduler(Server):
 
     def handle_add_keys(self, worker, keys):
         """A worker fetched copies of these results as task inputs."""
+        _expect(keys, (list, tuple), "keys")
         ws = self.workers.get(worker)
         if ws is None:
             return
@@ -884,6 +898,7 @@ class Scheduler(Server):
             ws.stream.send({"op": "free-keys", "keys": stale})
 
     def handle_heartbeat(self, worker, metrics):
+        _check_metrics(metrics)
         ws = self.workers.get(worker)
         if ws is not None:
             ws.metrics = metrics
@@ -962,6 +977,70 @@ class Scheduler(Server):
                                f"{failed[0]}")
         await self.handle_wait_for_workers(n=count, timeout=timeout)
         return len(self.workers)
+
+
+# -- checking what peers send ---------------------------------------------
+#
+# A peer that knows the secret is part of the cluster, but a bug in it (or
+# a hand-written client) must not corrupt the scheduler's state for
+# everyone else. These checks run before a handler changes anything; a
+# failure drops that one peer (see core.read_stream).
+
+def _expect(value, types, what, optional=False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(f"{what} should be {_names(types)}, not {value!r:.40}")
+
+
+def _names(types):
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_worker(address, name, nthreads, memory_limit, nanny):
+    _expect(address, str, "address")
+    from minidask.comm import parse_address
+    parse_address(address)
+    _expect(nthreads, int, "nthreads")
+    if nthreads < 1:
+        raise ValueError(f"a worker needs at least one thread, not {nthreads}")
+    _expect(memory_limit, int, "memory_limit", optional=True)
+    _expect(nanny, str, "nanny", optional=True)
+    _expect(name, (str, int), "name", optional=True)
+
+
+def _check_graph(tasks, keys):
+    _expect(tasks, dict, "tasks")
+    _expect(keys, (list, tuple), "keys")
+    for key in keys:
+        hash(key)
+    for key, task in tasks.items():
+        _expect(task, dict, f"task {key!r}")
+        _expect(task.get("spec"), (bytes, bytearray), "spec")
+        _expect(task.get("deps"), (list, tuple), "deps")
+        for dep in task["deps"]:
+            hash(dep)
+        _expect(task.get("group"), str, "group")
+        priority = task.get("priority")
+        _expect(priority, tuple, "priority")
+        for part in priority:
+            _expect(part, (int, float), "priority")
+        _expect(task.get("retries", 0), int, "retries")
+        workers = task.get("workers")
+        _expect(workers, (list, tuple), "workers", optional=True)
+
+
+def _check_metrics(metrics):
+    _expect(metrics, dict, "metrics")
+    for name in ("cpu", "memory", "managed_bytes", "executing"):
+        _expect(metrics.get(name), (int, float), f"metrics[{name!r}]")
+
+
+def _check_timing(start, stop, thread):
+    _expect(start, (int, float), "start")
+    _expect(stop, (int, float), "stop")
+    _expect(thread, int, "thread", optional=True)
 
 
 def _likely_running(tasks, nthreads):

@@ -389,15 +389,20 @@ class Worker(Server):
 
     async def _gather_keys(self, holder, keys, holders):
         got = {}
-        if holder is not None:
-            got = await self._get_data(holder, keys)
-        for key in keys:
-            if key not in got:
-                others = [h for h in holders[key] if h != holder]
-                for other in others:
-                    got.update(await self._get_data(other, [key]))
-                    if key in got:
-                        break
+        try:
+            if holder is not None:
+                got = await self._get_data(holder, keys)
+            for key in keys:
+                if key not in got:
+                    others = [h for h in holders[key] if h != holder]
+                    for other in others:
+                        got.update(await self._get_data(other, [key]))
+                        if key in got:
+                            break
+        finally:  # every waiter hears back, whatever went wrong above
+            self._settle_fetches(keys, got, holders)
+
+    def _settle_fetches(self, keys, got, holders):
         for key in keys:
             future = self.in_flight.pop(key)
             if key in got:
@@ -431,6 +436,11 @@ class Worker(Server):
                 for k, v in data.items()}
 
     async def handle_gather_from(self, comm=None, who_has=None):
+        """Fetch copies of results from their holders (for retiring)."""
+        if not isinstance(who_has, dict) or not all(
+                isinstance(h, list) and all(isinstance(a, str) for a in h)
+                for h in who_has.values()):
+            raise TypeError("who_has maps each key to a list of addresses")
         await self._fetch(who_has)
         return len(who_has)
 
