@@ -113,6 +113,15 @@ def test_scheduler_loss_fails_pending_futures_quickly():
     scheduler = start("scheduler", "--port", str(port), "--no-dashboard")
     address = first_line(scheduler)
     worker = start("worker", address, "--nthreads", "2")
+    try:
+        _lose_the_scheduler(address, scheduler, worker)
+    finally:  # a failed check must not leave servers running
+        for process in (scheduler, worker):
+            if process.poll() is None:
+                stop(process, signal.SIGKILL)
+
+
+def _lose_the_scheduler(address, scheduler, worker):
     first_line(worker)
     with Client(address) as client:
         client.wait_for_workers(1, timeout=30)
