@@ -67,10 +67,10 @@ def main(argv=None):
         engines = chosen_engines(args.engines)
         only = chosen_cases(args.cases)
         if args.wait_quiet:
-            runner.wait_for_quiet(0.5, args.wait_quiet)
+            runner.wait_for_quiet(report.QUIET, args.wait_quiet)
         sizes = cases.QUICK if args.quick else cases.FULL
         results = runner.run(engines, sizes, quick=args.quick, only=only)
-        results["quiet"] = results["load_average"]["before"][0] < 0.5
+        results["quiet"] = results["load_average"]["before"][0] < report.QUIET
         report.write_json(results, args.output)
     print(report.summary(results))
     print()

@@ -26,6 +26,7 @@ from benchmarks.tasks import (add, inc, random_array, random_bytes,
 STANDARD_CLUSTER = dict(n_workers=2, threads_per_worker=1,
                         dashboard_address=None)
 TIMEOUT = 300  # seconds; far more than any case takes, so a hang ends
+SIZE_BUDGET = 90  # seconds one size of the graph-size case may take
 TRANSFER_TIMEOUT = 15  # seconds; a transfer at full size takes about 1 s
 
 LOWER, HIGHER = "lower", "higher"
@@ -112,6 +113,14 @@ def settle(client, timeout=60):
             raise TimeoutError(f"the scheduler still held tasks after "
                                f"{timeout} s")
         time.sleep(0.02)
+
+
+def wait_all(engine, futures, what):
+    """Wait for every future, or raise TimeoutError naming ``what``."""
+    try:
+        engine.wait(futures, timeout=TIMEOUT)
+    except TimeoutError:
+        raise TimeoutError(f"{what} not done within {TIMEOUT} s") from None
 
 
 def percentile(values, p):
@@ -222,10 +231,9 @@ def transfer(engine, client, sizes):
                 rate = statistics.median(
                     transfer_rate(engine, client, make, nbytes, a, b)
                     for _ in range(sizes.transfer_repeats))
-            except TimeoutError:
+            except TimeoutError as exc:
                 rows.append(Measure(row, None, "GB/s", HIGHER, target=1.5,
-                                    error=f"not done within "
-                                          f"{TRANSFER_TIMEOUT} s"))
+                                    error=str(exc)))
                 continue
             finally:
                 settle(client)
@@ -236,10 +244,13 @@ def transfer(engine, client, sizes):
 def transfer_rate(engine, client, make, nbytes, a, b):
     """GB/s of one transfer of a new value made by ``make`` from a to b."""
     value = client.submit(make, nbytes, workers=[a], pure=False)
-    engine.wait([value], timeout=TIMEOUT)
+    wait_all(engine, [value], f"making {nbytes:,} bytes")
     start = time.perf_counter()
-    length = client.submit(len, value, workers=[b], pure=False).result(
-        timeout=TRANSFER_TIMEOUT)
+    on_b = client.submit(len, value, workers=[b], pure=False)
+    try:
+        length = on_b.result(timeout=TRANSFER_TIMEOUT)
+    except TimeoutError:
+        raise TimeoutError(f"not done within {TRANSFER_TIMEOUT} s") from None
     elapsed = time.perf_counter() - start
     assert length == nbytes
     return nbytes / elapsed / 1e9
@@ -251,22 +262,34 @@ def graph_size(engine, client, sizes):
 
     The whole cost, client and scheduler and workers, divided by the
     tasks: flat means the scheduler's cost per task does not grow with
-    the graph.
+    the graph. A size that the cost so far says would take more than
+    ``SIZE_BUDGET`` seconds is skipped, so that a slow engine on a busy
+    machine cannot stretch the run past its few minutes.
     """
     warm_up(client)
-    costs = {}
+    costs, rows = {}, []
     for n in sizes.graph_sizes:
+        row = f"per-task cost, {n:,} tasks at once"
+        expected = n * max(costs.values(), default=0) / 1e6
+        if expected > SIZE_BUDGET:
+            rows.append(Measure(row, None, "µs/task", LOWER, error=(
+                f"skipped: would take about {expected:.0f} s")))
+            continue
         start = time.perf_counter()
         futures = client.map(inc, range(n), pure=False)
-        engine.wait(futures, timeout=TIMEOUT)
+        wait_all(engine, futures, f"{n:,} tasks")
         costs[n] = (time.perf_counter() - start) / n * 1e6
         del futures
         settle(client)
-    rows = [Measure(f"per-task cost, {n:,} tasks at once", cost,
-                    "µs/task", LOWER) for n, cost in costs.items()]
+        rows.append(Measure(row, costs[n], "µs/task", LOWER))
     first, last = sizes.graph_sizes[0], sizes.graph_sizes[-1]
-    rows.append(Measure(f"per-task cost at {last:,} over {first:,} tasks",
-                        costs[last] / costs[first], "x", LOWER, target=1.3))
+    growth = f"per-task cost at {last:,} over {first:,} tasks"
+    if last in costs:
+        rows.append(Measure(growth, costs[last] / costs[first], "x", LOWER,
+                            target=1.3))
+    else:
+        rows.append(Measure(growth, None, "x", LOWER, target=1.3,
+                            error=f"{last:,} tasks skipped"))
     return rows
 
 
@@ -283,7 +306,7 @@ def threads(engine, sizes):
             warm_up(client)
             start = time.perf_counter()
             futures = client.map(inc, range(n), pure=False)
-            engine.wait(futures, timeout=TIMEOUT)
+            wait_all(engine, futures, f"{n:,} tasks")
             cost = (time.perf_counter() - start) / n * 1e6
             del futures
         rows.append(Measure(

@@ -14,6 +14,7 @@ from pathlib import Path
 from benchmarks import machine
 
 ENGINES = ("minidask", "dask")
+QUIET = 0.5  # a 1-minute load average below this is a quiet machine
 
 
 def merge_rows(measures):
@@ -145,11 +146,12 @@ def summary(run):
     facts = run["machine"]
     engines = ", ".join(f"{k} {v}" for k, v in run["engines"].items())
     load = run["load_average"]
+    quiet = "quiet" if load["before"][0] < QUIET else "busy"
     return "\n".join([
         f"machine: {machine.describe(facts)}",
-        f"engines: {engines}; commit {facts['commit']}",
-        f"load average (1, 5, 15 min): before {load['before']}, after "
-        f"{load['after']}; the run took {run['seconds']:.0f} s"
+        f"engines: {engines}; commit {facts['commit']}; {run['when']}",
+        f"load average (1, 5, 15 min): before {load['before']} ({quiet}), "
+        f"after {load['after']}; the run took {run['seconds']:.0f} s"
         + (" (--quick: tiny sizes, not measurements)" if run["quick"] else ""),
     ])
 

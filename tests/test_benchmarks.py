@@ -79,7 +79,8 @@ def test_saved_run_prints_again(tmp_path):
     row = {"row": "round trip, median", "unit": "ms", "better": "lower",
            "target": 1.0, "minidask": 0.5, "dask": 2.0, "ratio": 0.25,
            "target_met": True}
-    saved = {"quick": False, "engines": {"minidask": "0", "dask": "0"},
+    saved = {"quick": False, "when": "2026-01-01T00:00:00+00:00",
+             "engines": {"minidask": "0", "dask": "0"},
              "machine": {"cpu_model": "CPU", "usable_cores": 2,
                          "memory_bytes": 2**30, "python": "3",
                          "commit": "abc"},
