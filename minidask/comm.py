@@ -337,12 +337,14 @@ async def connect(address, secret, timeout=None, security=None):
                 max(left, 0.001))
             break
         except (OSError, StreamClosedError, asyncio.TimeoutError) as exc:
-            if asyncio.get_running_loop().time() + delay >= deadline:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
                 raise ConnectError(
                     f"could not connect to {address} after {timeout:g} s: "
                     f"is the scheduler running there?") from exc
-            # Back off: retrying at once would spin while a server starts.
-            await asyncio.sleep(delay)
+            # Back off: retrying at once would spin while a server starts;
+            # the last try comes just before the deadline.
+            await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.5)
     stream.set_nodelay(True)
     secret = as_secret_bytes(secret)
