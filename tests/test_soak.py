@@ -1,7 +1,7 @@
 """Soak: minutes of ordinary mixed work, with memory that stays flat.
 
 One LocalCluster (two single-threaded worker processes) runs, for
-``MINIDASK_SOAK_SECONDS`` seconds (480 by default), a seeded random mix
+``MINIDASK_SOAK_SECONDS`` seconds (600 by default), a seeded random mix
 of what users do: maps and reductions, scatter, cancellations, futures
 released before they finish, large results, failing tasks, and two
 restarts. Every answer is checked. The memory of the cluster's process
@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import random
+import threading
 import time
 
 import psutil
@@ -31,7 +32,7 @@ import pytest
 from minidask import CancelledError, Client, LocalCluster
 from helpers import wait_until
 
-SOAK_SECONDS = float(os.environ.get("MINIDASK_SOAK_SECONDS", 480))
+SOAK_SECONDS = float(os.environ.get("MINIDASK_SOAK_SECONDS", 600))
 SEED = 4_242
 MiB = 2**20
 RESTARTS = 2
@@ -257,3 +258,39 @@ def test_a_future_whose_result_raised_is_released():
         del future
         assert tasks_left(client, timeout=5) == 0, \
             "the exception kept a reference to its Future"
+
+
+def test_a_future_freed_while_the_client_holds_its_lock_is_no_deadlock():
+    """The garbage collector may free a Future at any allocation, and so
+    also while the client's lock is held (the soak once stopped for good
+    in ``_acquire``). Here it is made to run at that moment."""
+    with LocalCluster(n_workers=1, processes=False,
+                      dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        future = client.submit(inc, 1)
+        cycle = [future, future.result(timeout=30)]
+        cycle.append(cycle)  # only the collector can free this Future
+        del future, cycle
+        lock, collected = client._lock, []
+
+        class CollectInside:
+            def __enter__(self):
+                lock.acquire()
+                if not collected:
+                    collected.append(gc.collect())
+
+            def __exit__(self, *exc):
+                lock.release()
+
+        client._lock = CollectInside()
+        submit = threading.Thread(target=client.submit, args=(inc, 2),
+                                  daemon=True)
+        submit.start()
+        submit.join(10)
+        stuck = submit.is_alive()
+        if stuck:
+            lock.release()  # let the stuck thread go, to close cleanly
+            submit.join(10)
+        client._lock = lock
+        assert collected, "the collector never ran under the lock"
+        assert not stuck, "the client waited for its own lock"
