@@ -223,6 +223,10 @@ async def _run_worker(args):
                   secret=secret, silence_logs=logging.INFO,
                   worker_port=args.port, security=_security(args))
     await nanny.start()
+    # Print the address only once the scheduler knows the worker, so that
+    # whoever reads it can use the worker straight away.
+    await nanny.pool.call(args.scheduler_address, "wait-for-worker",
+                          address=nanny.worker_address, timeout=60)
     _print_address(nanny.worker_address)
     await _serve(nanny, stop_on_eof=args.stop_on_eof)
     return 0

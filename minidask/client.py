@@ -182,7 +182,7 @@ class Client:
         self._owns_cluster = False
         self._states = {}
         self._refs = collections.Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a Future's __del__ may run under it
         self._outbox = []  # messages for the scheduler, in program order
         self._callbacks = None
         self.scheduler_address = None

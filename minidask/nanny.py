@@ -115,7 +115,10 @@ class Nanny(Server):
     async def _start_once(self):
         loop = asyncio.get_running_loop()
         started = self._started = loop.create_future()
-        env = {**os.environ, **self.env, "MINIDASK_SECRET": self.secret}
+        # Unbuffered, so that what a task prints reaches the worker's
+        # standard output when it is printed, not when the worker exits.
+        env = {**os.environ, **self.env, "MINIDASK_SECRET": self.secret,
+               "PYTHONUNBUFFERED": "1"}
         self.process = await asyncio.create_subprocess_exec(
             *self._command(), env=env, stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True)

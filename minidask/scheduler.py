@@ -227,6 +227,7 @@ class Scheduler(Server):
             "broadcast-run": self.handle_broadcast_run,
             "run-on-scheduler": self.handle_run_on_scheduler,
             "wait-for-workers": self.handle_wait_for_workers,
+            "wait-for-worker": self.handle_wait_for_worker,
             "retire-workers": self.handle_retire_workers,
             "restart": self.handle_restart,
             "worker-exceeded-memory": self.handle_worker_exceeded_memory,
@@ -387,6 +388,20 @@ class Scheduler(Server):
                 f"{timeout} s") from None
         return len(self.workers)
 
+    async def handle_wait_for_worker(self, comm=None, address=None,
+                                     timeout=None):
+        """Wait until the worker at ``address`` has registered."""
+        async def arrived():
+            while address not in self.workers:
+                self._worker_arrived.clear()
+                await self._worker_arrived.wait()
+        try:
+            await asyncio.wait_for(arrived(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"worker {address} did not join within "
+                               f"{timeout} s") from None
+        return True
+
     # -- workers arriving and leaving ------------------------------------------
 
     async def handle_register_worker(self, comm, address, name, nthreads,
@@ -408,8 +423,8 @@ class Scheduler(Server):
                          pid, stream)
         self.workers[address] = ws
         await comm.write({"status": "OK", "result": {"id": self.id}})
-        self.log.info("worker %s (%s) joined with %d threads",
-                      address, name, nthreads)
+        self.log.info("worker %s%s joined with %d threads", address,
+                      "" if name is None else f" ({name})", nthreads)
         self._worker_arrived.set()
         self._assign_unrunnable()
         try:
