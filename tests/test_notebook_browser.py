@@ -196,7 +196,8 @@ def wait_for_kernel(watched, server, timeout=90):
 def run_all_cells(watched):
     """Run > Run All Cells, from the menu bar, as a learner would."""
     page = watched.page
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^Run$")).click()
+    page.locator(".lm-MenuBar-itemLabel",
+                 has_text=re.compile("^Run$")).click()
     page.locator(".lm-Menu-itemLabel",
                  has_text=re.compile("^Run All Cells$")).click()
 
@@ -244,8 +245,9 @@ def error_outputs(watched):
                    '.jp-OutputArea-output'
                    + '[data-mime-type="application/vnd.jupyter.stderr"]'),
                output => output.textContent)
-             .filter(text => /Traceback \\(most recent call last\\)/.test(text)
-                             || /^-{20,}\\s*\\n\\S+(Error|Exception)/m.test(text))
+             .filter(text =>
+                 /Traceback \\(most recent call last\\)/.test(text)
+                 || /^-{20,}\\s*\\n\\S+(Error|Exception)/m.test(text))
              .map(text => text.slice(0, 2000))""")
 
 
@@ -307,7 +309,8 @@ def test_first_notebook_runs_in_jupyter_in_a_browser(served, tmp_path):
                          f"{failed}"
     html = [output.data["text/html"]
             for cell in notebook.cells if cell.cell_type == "code"
-            for output in cell.outputs if "text/html" in output.get("data", {})]
+            for output in cell.outputs
+            if "text/html" in output.get("data", {})]
     assert any("LocalCluster" in view for view in html)
 
     with open(NOTEBOOK, "rb") as file:
