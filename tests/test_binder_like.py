@@ -177,8 +177,10 @@ def test_every_notebook_as_an_unprivileged_binder_user(shared_folder,
         for proc in left:
             proc.kill()
     output = log_path.read_text()
+    leftovers = (f"processes of the run left behind (now killed): "
+                 f"{left}\n" if left else "")
     assert result.returncode == 0, (
-        f"the notebooks failed as {user.pw_name} in a Binder-like "
-        f"setting:\n{output[-8000:]}")
+        f"{leftovers}the notebooks failed as {user.pw_name} in a "
+        f"Binder-like setting:\n{output[-8000:]}")
+    assert not leftovers, leftovers
     assert " passed" in output and "skipped" not in output, output[-2000:]
-    assert not left, f"processes of the run left behind: {left}"
