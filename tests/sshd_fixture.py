@@ -22,20 +22,36 @@ PYTHONPATH names the folder that holds this minidask package, then the
 entries of this process's PYTHONPATH.
 
 For root that is enough. For `minidask-test` the interpreter itself may be
-out of reach: pyenv installs under /root, which is mode 0700. Copying an
+out of reach: pyenv installs under /root, which is mode 0700, and so may a
+clone of the repository with its virtual environment. Copying an
 interpreter with its site-packages (over a gigabyte with the test
 dependencies) per test run is too slow, and widening the permissions of
 /root is not a test's business. Instead `prepare_remote_python` builds a
 tree of hard links to the interpreter's prefix in a world-readable folder,
 once per test run: the same files, readable by the same rules, made in a
 few seconds without copying a byte or changing any existing permission.
-The interpreter's RUNPATH still names its original `lib` folder, so
-LD_LIBRARY_PATH points at the linked one. If the user cannot read the
-minidask package either, a copy of it (it is small) goes in the shared
-folder. Every candidate is tried by running `python -c "import minidask"`
-as that user, and must import this very package, not another install of
-it. When none works, for instance because hard links cannot cross to the
-shared folder's filesystem or the tests run in a virtual environment,
+Where hard links cannot cross to the shared folder's filesystem, the files
+are copied instead, which is slower but works. The interpreter's RUNPATH
+still names its original `lib` folder, so LD_LIBRARY_PATH points at the
+linked one.
+
+When the tests run in a virtual environment (as `make test` runs them),
+its Python is a link to the base interpreter and its packages live in the
+environment, not in the base prefix. Then the base prefix is linked
+without its own site-packages (unless the environment includes them), and
+the environment's files are linked into the same tree: its site-packages,
+`share` and the rest, but not its `bin`, whose scripts name the original
+environment's Python, nor its `pyvenv.cfg`. A file of the environment
+replaces one of the same name. The linked interpreter then sees the
+packages that the tests' Python sees, however it is started: a test may
+well run it through a symbolic link elsewhere, from where a rebuilt
+virtual environment would not be found.
+
+If the user cannot read the minidask package either (a clone under /root,
+or an editable install whose finder points there), a copy of it (it is
+small) goes in the shared folder, first on PYTHONPATH. Every candidate is
+tried by running `python -c "import minidask"` as that user, and must
+import this very package, not another install of it. When none works,
 `remote_python` is None and `remote_python_problem` says why, and tests
 that need it skip.
 """
@@ -48,6 +64,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -167,7 +184,18 @@ def python_path(first):
 def prepare_remote_python(user, shared_folder):
     """Find or build a Python that `user` can import minidask with.
 
-    `shared_folder` must be readable by `user`; links and copies go there.
+    `shared_folder` must be readable by `user`; links and copies go there,
+    and removing it removes them. Returns a `RemotePython`: `path` is the
+    interpreter to run (None, with the reason in `problem`, if there is
+    none), `env` the environment it needs: LD_LIBRARY_PATH for a linked
+    interpreter, and PYTHONPATH naming the folder that holds the minidask
+    package under test (or its copy). The interpreter finds its
+    site-packages by itself, so a caller may replace PYTHONPATH with
+    another folder holding a minidask package.
+
+    This works whether the tests run in the base interpreter or in a
+    virtual environment (see the module's design note). Calling it again
+    with the same `shared_folder` reuses what the first call built.
     """
     env = {"PYTHONPATH": python_path(SOURCE_ROOT)}
     problem = _probe(user, sys.executable, env, SOURCE_ROOT)
@@ -218,32 +246,107 @@ def _probe(user, python, env, source_root):
 
 
 def _link_interpreter(shared_folder):
-    """Hard-link this interpreter's prefix; return its python and lib."""
-    if sys.prefix != sys.base_prefix:
-        raise OSError(f"the tests run in the virtual environment"
-                      f" {sys.prefix}, whose links would still lead to"
-                      f" {sys.base_prefix}")
-    executable = os.path.realpath(sys.executable)
+    """Hard-link this interpreter's prefix; return its python and lib.
+
+    In a virtual environment, the environment goes into the same tree.
+    """
+    # A virtual environment's Python is a link to (or a copy of) this one.
+    executable = os.path.realpath(getattr(sys, "_base_executable",
+                                          sys.executable))
     relative = os.path.relpath(executable, sys.base_prefix)
     if relative.startswith(os.pardir):
         raise OSError(f"{executable} is outside its prefix"
                       f" {sys.base_prefix}")
 
+    def build(folder):
+        in_venv = sys.prefix != sys.base_prefix
+        skipped = set()
+        if in_venv and not _includes_system_site_packages():
+            skipped = _site_packages(sys.base_prefix)
+        _link_tree(sys.base_prefix, folder, skipped)
+        if in_venv:
+            _link_tree(sys.prefix, folder, {
+                os.path.join(sys.prefix, name)
+                for name in ("bin", "pyvenv.cfg")})
+
     prefix = os.path.join(shared_folder, "python")
-    if not os.path.isdir(prefix):
-        shutil.copytree(sys.base_prefix, prefix, symlinks=True,
-                        copy_function=os.link)
+    _build_once(prefix, build)
     return os.path.join(prefix, relative), os.path.join(prefix, "lib")
+
+
+def _includes_system_site_packages():
+    """Whether this virtual environment sees the base's site-packages."""
+    with open(os.path.join(sys.prefix, "pyvenv.cfg")) as file:
+        for line in file:
+            key, _, value = line.partition("=")
+            if key.strip() == "include-system-site-packages":
+                return value.strip().lower() == "true"
+    return True  # as the site module reads a pyvenv.cfg without the key
+
+
+def _site_packages(prefix):
+    """The site-packages folders of an interpreter's `prefix`."""
+    paths = sysconfig.get_paths(vars={"base": prefix, "platbase": prefix})
+    return {os.path.normpath(paths[name]) for name in ("purelib", "platlib")}
+
+
+def _build_once(target, build):
+    """Run `build` on a fresh folder that becomes `target`, unless it is.
+
+    A build that fails half-way leaves no `target` to be reused.
+    """
+    if os.path.isdir(target):
+        return
+    partial = f"{target}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        build(partial)
+        os.rename(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _link_tree(source, target, skipped=()):
+    """Hard-link (else copy) the tree `source` into `target`.
+
+    Folders merge with those already in `target`, and a file replaces one
+    of the same name there. A symbolic link is made anew as one, unless
+    `target` has something of that name already. `skipped` holds
+    normalized paths under `source` to leave out.
+    """
+    def ignore(folder, names):
+        left_out = []
+        for name in names:
+            path = os.path.normpath(os.path.join(folder, name))
+            there = os.path.join(target, os.path.relpath(path, source))
+            if path in skipped or (os.path.islink(path)
+                                   and os.path.lexists(there)):
+                left_out.append(name)
+        return left_out
+
+    shutil.copytree(source, target, symlinks=True, ignore=ignore,
+                    copy_function=_link_file, dirs_exist_ok=True)
+
+
+def _link_file(source, target):
+    # Unlinking first: writing into a hard link would change the original.
+    if os.path.lexists(target):
+        os.unlink(target)
+    try:
+        os.link(source, target)
+    except OSError:
+        # Another filesystem, or one without hard links.
+        shutil.copy2(source, target)
 
 
 def _copy_package(shared_folder):
     """Copy the minidask package; return the folder to put on PYTHONPATH."""
     source = os.path.dirname(os.path.abspath(minidask.__file__))
     root = os.path.join(shared_folder, "source")
-    target = os.path.join(root, "minidask")
-    if not os.path.isdir(target):
-        shutil.copytree(source, target,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    _build_once(root, lambda folder: shutil.copytree(
+        source, os.path.join(folder, "minidask"),
+        ignore=shutil.ignore_patterns("__pycache__")))
     return root
 
 
