@@ -15,8 +15,11 @@ Each yields a server with `host`, `port`, `username`, `known_hosts` and
 started through it is still alive. The two sshd fixtures skip, saying why,
 where sshd is missing or the tests do not run as root. Their
 `remote_python` is a Python the served user can import minidask with (see
-tests/sshd_fixture.py for how one is found for `minidask-test`); tests
-that need it call `require_remote_python(server)`. On the embedded server
+tests/sshd_fixture.py for how one is found for `minidask-test`, also
+when the tests run in a virtual environment); tests that need it call
+`require_remote_python(server)`. A test that runs something as
+`minidask-test` without SSH gets the same Python from
+`sshd_fixture.prepare_remote_python(user, folder)`. On the embedded server
 commands run as this process's user, with its environment: `sys.executable`
 is the remote Python, and PYTHONPATH names the minidask under test first.
 """
