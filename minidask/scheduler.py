@@ -228,6 +228,7 @@ class Scheduler(Server):
             "run-on-scheduler": self.handle_run_on_scheduler,
             "wait-for-workers": self.handle_wait_for_workers,
             "wait-for-worker": self.handle_wait_for_worker,
+            "unregister-worker": self.handle_unregister_worker,
             "retire-workers": self.handle_retire_workers,
             "restart": self.handle_restart,
             "worker-exceeded-memory": self.handle_worker_exceeded_memory,
@@ -434,6 +435,11 @@ class Scheduler(Server):
             if self.workers.get(address) is ws:
                 self.remove_worker(address)
         return NO_REPLY
+
+    def handle_unregister_worker(self, comm=None, address=None):
+        """A worker closing by itself says goodbye before it goes."""
+        self.remove_worker(address)
+        return True
 
     def remove_worker(self, address):
         """Forget a worker; rerun or recompute what was lost with it."""

@@ -262,7 +262,7 @@ class Worker(Server):
             self.log.warning("lost the scheduler at %s: closing",
                              self.scheduler_address)
             self.scheduler_lost = True
-            await self.close()
+            await self.close("scheduler lost", tell_scheduler=False)
 
     async def _heartbeat(self):
         interval = parse_timedelta(config.get("worker.heartbeat-interval"))
@@ -296,13 +296,20 @@ class Worker(Server):
                 format_bytes(sum(self.nbytes.values())))
         self._memory_warned = high
 
-    async def close(self, reason="closing"):
+    async def close(self, reason="closing", tell_scheduler=True):
+        """Stop: unregister (unless the scheduler is why), then shut down.
+
+        Unregistering first means the scheduler has moved this worker's
+        work elsewhere, and logged its leaving, by the time it exits.
+        """
         if self.status in ("closing", "closed"):
             return
         self.status = "closing"
         self.log.info("worker %s closing: %s", self.address, reason)
         for task in getattr(self, "_background", []):
             task.cancel()
+        if tell_scheduler and self.scheduler is not None:
+            await self._unregister()
         if self.scheduler is not None:
             self.scheduler.abort()
         if self.threads is not None:
@@ -311,6 +318,14 @@ class Worker(Server):
         self.data.clear()
         self.status = "closed"
         self.closed_event.set()
+
+    async def _unregister(self):
+        try:
+            await asyncio.wait_for(self.pool.call(
+                self.scheduler_address, "unregister-worker",
+                connect_timeout=1, address=self.address), 2)
+        except (CommError, OSError, asyncio.TimeoutError):
+            pass  # it will see the connection close instead
 
     async def finished(self):
         await self.closed_event.wait()
@@ -352,7 +367,7 @@ class Worker(Server):
             self.tasks.pop(key, None)
 
     def handle_close_stream(self, reason="asked to"):
-        asyncio.ensure_future(self.close(reason))
+        asyncio.ensure_future(self.close(reason, tell_scheduler=False))
 
     # -- fetching inputs from peers ----------------------------------------------
 
