@@ -899,3 +899,36 @@ def test_a_malformed_gather_from_wedges_no_key(cluster):
     sync(ask(b, {"op": "put-data", "data": {key: 1}}))
     reply = sync(ask(a, {"op": "gather-from", "who_has": {key: [b]}}))
     assert reply["status"] == "OK"
+
+
+def test_an_abandoned_request_does_not_outlive_its_connection():
+    with _small_cluster() as cluster, Client(cluster) as client:
+        def open_comms(dask_scheduler):
+            return len(dask_scheduler._comms)
+
+        before = client.run_on_scheduler(open_comms)
+        comm = sync(connect(cluster.scheduler_address, cluster.secret))
+        sync(comm.write({"op": "wait-for-workers", "n": 1000,
+                         "timeout": None}))  # would wait for ever
+        time.sleep(0.2)
+        sync(comm.close())
+        wait_until(lambda: client.run_on_scheduler(open_comms) <= before,
+                   timeout=5, message="the scheduler still serves a "
+                                      "request whose peer has gone")
+
+
+def test_data_scattered_for_no_client_is_not_kept():
+    with _small_cluster() as cluster, Client(cluster) as client:
+        (worker,) = client.scheduler_info()["workers"]
+        comm = sync(connect(cluster.scheduler_address, cluster.secret))
+        sync(comm.write({"op": "update-data", "client": "nobody", "data": {
+            "orphan": {"workers": [worker], "nbytes": 1, "type": "int"}}}))
+        sync(comm.read())
+        sync(comm.close())
+
+        def known(dask_scheduler):
+            return "orphan" in dask_scheduler.tasks
+
+        wait_until(lambda: not client.run_on_scheduler(known), timeout=5,
+                   message="data that no client wants stayed on the "
+                           "scheduler")
