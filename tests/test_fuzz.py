@@ -30,8 +30,10 @@ client pins its tasks to the real workers, because a fake worker that
 registers and vanishes is a worker dying, which the chaos tests cover;
 here it would only make the client's tasks wait for nothing.
 
-Each input is made from its own seed, printed with the figures, so one
-input can be replayed alone. ``-s`` shows the figures.
+Each input is made from a seed of its own, drawn in turn from the run's
+seed (printed with the figures): ``input_seed(seed, n)`` gives input
+``n``'s, which ``Fuzzer.send_one`` turns into that same input again.
+``-s`` shows the figures.
 """
 
 import asyncio
@@ -267,7 +269,7 @@ class Fuzzer:
                 gate.release()
 
         for n in range(count):
-            input_seed = master.getrandbits(32)
+            input_seed = master.getrandbits(32)  # as input_seed() does
             await gate.acquire()
             if time.monotonic() >= deadline:
                 gate.release()
@@ -452,6 +454,14 @@ class Fuzzer:
             await asyncio.sleep(0.01)
         comm.abort()
         return outcome
+
+
+def input_seed(run_seed, n):
+    """The seed of input ``n`` of the run seeded with ``run_seed``."""
+    master = random.Random(run_seed)
+    for _ in range(n):
+        master.getrandbits(32)
+    return master.getrandbits(32)
 
 
 LAYERS = {
