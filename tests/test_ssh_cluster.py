@@ -66,7 +66,22 @@ def python(server, shared_dir):
 
 
 def python_link(target, folder):
-    link = os.path.join(folder, "python")
+    """A path of this test's own that runs ``target``.
+
+    In a virtual environment a bare symlink elsewhere would start the base
+    interpreter without the environment's packages: Python finds its
+    environment from ``pyvenv.cfg`` beside or above the executable, so the
+    link gets that file and the environment's ``lib`` beside it.
+    """
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv and os.path.samefile(target, sys.executable):
+        os.makedirs(os.path.join(folder, "bin"), exist_ok=True)
+        shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), folder)
+        os.symlink(os.path.join(sys.prefix, "lib"),
+                   os.path.join(folder, "lib"))
+        link = os.path.join(folder, "bin", "python")
+    else:
+        link = os.path.join(folder, "python")
     os.symlink(target, link)
     return link
 
