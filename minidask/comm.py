@@ -295,6 +295,24 @@ class Comm:
     def closed(self):
         return self.stream.closed()
 
+    def peer_gone(self):
+        """Has the peer hung up? Peeks at the socket, consuming nothing.
+
+        For a handler that waits a long time before it replies, while no
+        read is under way that would notice. TLS sockets cannot be peeked
+        at: for them the answer is only what tornado already knows.
+        """
+        if self.stream.closed():
+            return True
+        try:
+            data = self.stream.socket.recv(
+                1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, ValueError):
+            return False
+        except OSError:
+            return True
+        return data == b""
+
     def abort(self):
         self.stream.close()
 

@@ -376,13 +376,26 @@ class Scheduler(Server):
             result = await result
         return result
 
+    async def _wait_for_arrivals(self, done, comm):
+        """Wait until ``done()``, or until the peer that asked hangs up."""
+        while not done():
+            self._worker_arrived.clear()
+            try:
+                await asyncio.wait_for(self._worker_arrived.wait(), 1)
+            except asyncio.TimeoutError:
+                if comm is not None and comm.peer_gone():
+                    raise CommClosedError(
+                        f"{comm.peer_address} left while waiting") from None
+
     async def handle_wait_for_workers(self, comm=None, n=1, timeout=None):
-        async def enough():
-            while len(self.workers) < n:
-                self._worker_arrived.clear()
-                await self._worker_arrived.wait()
+        _expect(n, int, "n")
+        _expect(timeout, (int, float), "timeout", optional=True)
+
+        def enough():
+            return len(self.workers) >= n
         try:
-            await asyncio.wait_for(enough(), timeout)
+            await asyncio.wait_for(self._wait_for_arrivals(enough, comm),
+                                   timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"only {len(self.workers)} of {n} workers arrived within "
@@ -392,12 +405,10 @@ class Scheduler(Server):
     async def handle_wait_for_worker(self, comm=None, address=None,
                                      timeout=None):
         """Wait until the worker at ``address`` has registered."""
-        async def arrived():
-            while address not in self.workers:
-                self._worker_arrived.clear()
-                await self._worker_arrived.wait()
+        _expect(timeout, (int, float), "timeout", optional=True)
         try:
-            await asyncio.wait_for(arrived(), timeout)
+            await asyncio.wait_for(self._wait_for_arrivals(
+                lambda: address in self.workers, comm), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"worker {address} did not join within "
                                f"{timeout} s") from None
@@ -641,6 +652,14 @@ class Scheduler(Server):
         ``data`` maps key to ``{"workers": [...], "nbytes": n, "type": t}``.
         """
         cs = self.clients.get(client)
+        if cs is None:  # nobody would ever release it: free it at once
+            for key, info in data.items():
+                for address in info["workers"]:
+                    ws = self.workers.get(address)
+                    if ws is not None and key not in self.tasks:
+                        ws.stream.send({"op": "free-keys", "keys": [key]})
+            raise ValueError(f"update-data from {client!r}, which is not a "
+                             f"connected client")
         for key, info in data.items():
             ts = self.tasks.get(key)
             if ts is None:

@@ -44,13 +44,17 @@ def tree_and_shuffle(client, n=400):
     return level[0], mixed, expected_total
 
 
-def run_with_kills(cluster, client, sig, rounds=1, period=0.5):
-    """Kill (or stop) a random worker every ``period`` while graphs run."""
+def run_with_kills(cluster, client, sig, rounds=1, period=0.5, kills=2):
+    """Kill (or stop) a random worker every ``period`` while graphs run.
+
+    Graphs keep running, ``rounds`` of them at least, until ``kills``
+    workers have been hit, so that every run really injects its faults.
+    """
     done = threading.Event()
     hits = []
 
     def killer():
-        while not done.wait(period):
+        while not done.wait(period if hits else period / 4):
             pids = list(client.run(os.getpid).values())
             victim = random.choice(pids)
             os.kill(victim, sig)
@@ -59,13 +63,16 @@ def run_with_kills(cluster, client, sig, rounds=1, period=0.5):
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        for _ in range(rounds):
+        ran = 0
+        while ran < rounds or len(hits) < kills:
             total, mixed, expected = tree_and_shuffle(client)
             assert total.result(timeout=120) == expected
             assert client.gather(mixed) == [expected + i for i in range(8)]
+            ran += 1
     finally:
         done.set()
         thread.join()
+    print(f"{ran} graphs, {len(hits)} workers killed, all results right")
     return hits
 
 
