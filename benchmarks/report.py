@@ -63,12 +63,18 @@ def target_text(row):
         unit = "x" if row["unit"] == "x" else f" {row['unit']}"
         wanted = f"{sign} {target:,g}{unit}"
     verdict = {True: "met", False: "missed", None: "not measured"}
-    if "minidask" in row.get("errors", {}):
-        return f"{wanted}: missed (failed)"
+    error = row.get("errors", {}).get("minidask")
+    if error:
+        return f"{wanted}: missed ({missing(error)})"
     return f"{wanted}: {verdict[row['target_met']]}"
 
 
 # -- formatting ---------------------------------------------------------------
+
+def missing(error):
+    """What a cell without a number says: skipped, or failed."""
+    return "skipped" if error.startswith("skipped") else "failed"
+
 
 def number(value):
     """Three significant figures or so, without exponents."""
@@ -100,7 +106,7 @@ def table_cells(run):
             errors = row.get("errors", {})
             cells.append([
                 case["case"] if first else "", row["row"],
-                *("failed" if engine in errors
+                *(missing(errors[engine]) if engine in errors
                   else with_unit(row[engine], row["unit"])
                   for engine in ENGINES),
                 number(row["ratio"]), row["better"], target_text(row)])
@@ -127,7 +133,7 @@ def text_table(run):
 
 def failures(run):
     """One line per row an engine could not measure, saying why."""
-    return [f"{engine} failed {row['row']!r}: {error}"
+    return [f"{engine}, {row['row']}: {error}"
             for case in run["cases"] for row in case["rows"]
             for engine, error in row.get("errors", {}).items()]
 
