@@ -61,7 +61,13 @@ from helpers import wait_until
 
 SEED = 20_240_601
 MiB = 2**20
-RSS_BOUND = 50 * MiB  # growth allowed per process over one fuzz run
+RSS_BOUND = 50 * MiB  # growth allowed per worker process over one fuzz run
+# This test's own process holds the scheduler and nannies, but also the
+# fuzzer, which builds messages of up to a million frames, and the checking
+# client: its RSS swings with them, and with how much of the freed memory
+# the C allocator keeps. The soak test is the one that shows the scheduler
+# flat over minutes; here the bound only catches a gross leak.
+OWN_PROCESS_RSS_BOUND = 150 * MiB
 
 
 def inc(x):
@@ -645,7 +651,8 @@ def fuzz_run(layer, count, seconds, tmp_path, seed=SEED):
         assert all(n.status == "running" for n in _nannies(cluster))
         for name, start in before["rss"].items():
             grown = after["rss"][name] - start
-            assert grown < RSS_BOUND, f"{name} grew by {_mib(grown)} MiB"
+            bound = OWN_PROCESS_RSS_BOUND if name == "cluster" else RSS_BOUND
+            assert grown < bound, f"{name} grew by {_mib(grown)} MiB"
         assert not evil_path.exists(), "a pickle was loaded before the " \
                                        "handshake"
         assert cluster.secret not in "\n".join(logs.values())

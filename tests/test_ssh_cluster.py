@@ -74,7 +74,8 @@ def python_link(target, folder):
     link gets that file and the environment's ``lib`` beside it.
     """
     in_venv = sys.prefix != sys.base_prefix
-    if in_venv and os.path.samefile(target, sys.executable):
+    if in_venv and os.path.realpath(target) == \
+            os.path.realpath(sys.executable):
         os.makedirs(os.path.join(folder, "bin"), exist_ok=True)
         shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), folder)
         os.symlink(os.path.join(sys.prefix, "lib"),
