@@ -142,7 +142,7 @@ def startup(engine, sizes):
         times.append(time.perf_counter() - start)
         client.close()
         cluster.close()
-    return [Measure(f"start-up to ready, median of {len(times)}",
+    return [Measure(f"to ready, median of {len(times)}",
                     statistics.median(times), "s", LOWER, target="dask")]
 
 
@@ -155,10 +155,10 @@ def round_trip(engine, client, sizes):
         start = time.perf_counter()
         client.submit(inc, i, pure=False).result(timeout=TIMEOUT)
         times.append(time.perf_counter() - start)
-    n = f"{len(times):,} sequential tasks"
-    return [Measure(f"round trip, median of {n}",
+    n = f"{len(times):,} in a row"
+    return [Measure(f"median of {n}",
                     statistics.median(times) * 1e3, "ms", LOWER, target=1.0),
-            Measure(f"round trip, 99th percentile of {n}",
+            Measure(f"99th percentile of {n}",
                     percentile(times, 99) * 1e3, "ms", LOWER)]
 
 
@@ -171,7 +171,7 @@ def tiny_tasks(engine, client, sizes):
     results = client.gather(client.map(inc, range(n), pure=False))
     elapsed = time.perf_counter() - start
     assert results == list(range(1, n + 1))
-    return [Measure(f"{n:,} tiny tasks, map + gather", n / elapsed,
+    return [Measure(f"{n:,} tasks", n / elapsed,
                     "tasks/s", HIGHER, target=5000)]
 
 
@@ -187,7 +187,7 @@ def chain(engine, client, sizes):
     result = future.result(timeout=TIMEOUT)
     elapsed = time.perf_counter() - start
     assert result == n
-    return [Measure(f"chain of {n:,} dependent tasks", n / elapsed,
+    return [Measure(f"{n:,} dependent tasks", n / elapsed,
                     "tasks/s", HIGHER, target=1500)]
 
 
@@ -206,7 +206,7 @@ def tree_reduction(engine, client, sizes):
     result = level[0].result(timeout=TIMEOUT)
     elapsed = time.perf_counter() - start
     assert result == n * (n + 1) // 2
-    return [Measure(f"tree reduction of {n:,} leaves ({tasks:,} tasks)",
+    return [Measure(f"{n:,} leaves, {tasks:,} tasks",
                     tasks / elapsed, "tasks/s", HIGHER)]
 
 
@@ -226,7 +226,7 @@ def transfer(engine, client, sizes):
         size = f"{nbytes / 2**20:g} MiB"
         for kind, make in ((f"{size} bytes", random_bytes),
                            (f"{size} NumPy array", random_array)):
-            row = f"transfer of {kind}, median of {sizes.transfer_repeats}"
+            row = kind  # the median of transfer_repeats
             try:
                 rate = statistics.median(
                     transfer_rate(engine, client, make, nbytes, a, b)
@@ -269,7 +269,7 @@ def graph_size(engine, client, sizes):
     warm_up(client)
     costs, rows = {}, []
     for n in sizes.graph_sizes:
-        row = f"per-task cost, {n:,} tasks at once"
+        row = f"{n:,} tasks at once"
         expected = n * max(costs.values(), default=0) / 1e6
         if expected > SIZE_BUDGET:
             rows.append(Measure(row, None, "µs/task", LOWER, error=(
@@ -283,7 +283,7 @@ def graph_size(engine, client, sizes):
         settle(client)
         rows.append(Measure(row, costs[n], "µs/task", LOWER))
     first, last = sizes.graph_sizes[0], sizes.graph_sizes[-1]
-    growth = f"per-task cost at {last:,} over {first:,} tasks"
+    growth = f"{last:,} over {first:,} tasks"
     if last in costs:
         rows.append(Measure(growth, costs[last] / costs[first], "x", LOWER,
                             target=1.3))
@@ -309,7 +309,7 @@ def threads(engine, sizes):
             wait_all(engine, futures, f"{n:,} tasks")
             cost = (time.perf_counter() - start) / n * 1e6
             del futures
-        rows.append(Measure(
-            f"per-task cost, {n:,} tasks, 1 worker of {nthreads} "
-            f"thread{'s' if nthreads > 1 else ''}", cost, "µs/task", LOWER))
+        threads = f"{nthreads} thread{'s' if nthreads > 1 else ''}"
+        rows.append(Measure(f"1 worker of {threads}, {n:,} tasks", cost,
+                            "µs/task", LOWER))
     return rows

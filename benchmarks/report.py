@@ -52,16 +52,16 @@ def target_met(row):
     return value <= bound if row["better"] == "lower" else value >= bound
 
 
-def target_text(row):
+def target_text(row, with_units=True):
     target = row["target"]
     if target is None:
         return ""
     if target == "dask":
-        wanted = "no worse than dask"
+        wanted = "<= dask"
     else:
         sign = "<" if row["better"] == "lower" else ">"
         unit = "x" if row["unit"] == "x" else f" {row['unit']}"
-        wanted = f"{sign} {target:,g}{unit}"
+        wanted = f"{sign} {target:,g}{unit if with_units else ''}"
     verdict = {True: "met", False: "missed", None: "not measured"}
     error = row.get("errors", {}).get("minidask")
     if error:
@@ -96,24 +96,38 @@ def with_unit(value, unit):
     return f"{number(value)}x" if unit == "x" else f"{number(value)} {unit}"
 
 
-def table_cells(run):
-    """The table as rows of strings, with a header row first."""
-    cells = [["case", "measure", "minidask", "dask", "minidask/dask",
-              "better", "minidask target"]]
+def table_cells(run, unit_column=False):
+    """The table as rows of strings, with a header row first.
+
+    With ``unit_column`` the units get a column of their own and the
+    target leaves its unit out, for a narrower table.
+    """
+    header = ["case", "measure", "minidask", "dask", "minidask/dask",
+              "better", "minidask target"]
+    if unit_column:
+        header[4:] = ["ratio", "better", "target"]
+        header.insert(2, "unit")
+    cells = [header]
     for case in run["cases"]:
         first = True
         for row in case["rows"]:
+            unit = row["unit"]
             errors = row.get("errors", {})
-            cells.append([
-                case["case"] if first else "", row["row"],
-                *(missing(errors[engine]) if engine in errors
-                  else with_unit(row[engine], row["unit"])
-                  for engine in ENGINES),
-                number(row["ratio"]), row["better"], target_text(row)])
+            values = [missing(errors[engine]) if engine in errors
+                      else number(row[engine]) if unit_column
+                      else with_unit(row[engine], unit)
+                      for engine in ENGINES]
+            line = [case["case"] if first else "", row["row"], *values,
+                    number(row["ratio"]), row["better"],
+                    target_text(row, with_units=not unit_column)]
+            if unit_column:
+                line.insert(2, unit)
+            cells.append(line)
             first = False
         for engine, error in case["errors"].items():
-            cells.append([case["case"] if first else "",
-                          f"{engine} failed: {error}", "", "", "", "", ""])
+            line = [case["case"] if first else "",
+                    f"{engine} failed: {error}"] + [""] * (len(header) - 2)
+            cells.append(line)
             first = False
     return cells
 
@@ -133,14 +147,14 @@ def text_table(run):
 
 def failures(run):
     """One line per row an engine could not measure, saying why."""
-    return [f"{engine}, {row['row']}: {error}"
+    return [f"{engine}, {case['case']}, {row['row']}: {error}"
             for case in run["cases"] for row in case["rows"]
             for engine, error in row.get("errors", {}).items()]
 
 
 def markdown_table(run):
-    cells = table_cells(run)
-    align = ["---", "---", "---:", "---:", "---:", "---", "---"]
+    cells = table_cells(run, unit_column=True)
+    align = ["---", "---", "---", "---:", "---:", "---:", "---", "---"]
     lines = ["| " + " | ".join(cells[0]) + " |",
              "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
