@@ -351,7 +351,8 @@ async def connect(address, secret, timeout=None, security=None):
         try:
             left = deadline - asyncio.get_running_loop().time()
             stream = await asyncio.wait_for(
-                TCPClient().connect(host, port, ssl_options=ssl_ctx),
+                TCPClient().connect(host, port, ssl_options=ssl_ctx,
+                                    max_buffer_size=_stream_buffer_limit()),
                 max(left, 0.001))
             break
         except (OSError, StreamClosedError, asyncio.TimeoutError) as exc:
@@ -405,7 +406,8 @@ class Listener(TCPServer):
         self.scheme = security.scheme if security else "tcp"
         ssl_ctx = (_tls_context("this server", security, server_side=True)
                    if self.scheme == "tls" else None)
-        super().__init__(ssl_options=ssl_ctx)
+        super().__init__(ssl_options=ssl_ctx,
+                         max_buffer_size=_stream_buffer_limit())
         self.comm_handler = handler
         self.secret = as_secret_bytes(secret)
         self.pending = 0
@@ -449,6 +451,15 @@ class Listener(TCPServer):
             return
         comm = Comm(stream, self.address, peer_address)
         await self.comm_handler(comm)
+
+
+def _stream_buffer_limit():
+    """How much tornado may read into one buffer: the largest frame.
+
+    tornado closes a stream that reads more than this at once (100 MiB by
+    default), and a frame is read in one go, straight into its buffer.
+    """
+    return parse_bytes(config.get("comm.max-frame-size")) + 2**20
 
 
 def _bind(host, port):

@@ -71,6 +71,7 @@ from minidask.utils import parse_bytes, parse_timedelta
 logger = logging.getLogger(__name__)
 
 UNKNOWN_DURATION = 0.5  # seconds, for a kind of task never seen before
+MAX_FETCH_FAILURES = 10  # times a task may fail to fetch an input
 
 
 class KilledWorker(Exception):
@@ -107,7 +108,7 @@ class TaskState:
         "key", "spec", "group", "priority", "state", "dependencies",
         "dependents", "waiting_on", "waiters", "who_has", "processing_on",
         "who_wants", "nbytes", "type", "exception", "traceback", "retries",
-        "suspicious", "restrictions", "executing",
+        "suspicious", "restrictions", "executing", "fetch_failures",
     )
 
     def __init__(self, key, spec, group, priority):
@@ -131,6 +132,7 @@ class TaskState:
         self.suspicious = 0
         self.restrictions = None
         self.executing = False
+        self.fetch_failures = 0
 
     def __repr__(self):
         return f"<Task {self.key!r} {self.state}>"
@@ -913,6 +915,17 @@ class Scheduler(Server):
                 self._lose_data(dts)
         ts = self._processing_here(key, worker)
         if ts is None:
+            return
+        ts.fetch_failures += 1
+        if ts.fetch_failures >= MAX_FETCH_FAILURES:
+            # Not a dead worker (those are noticed and handled as such):
+            # the input exists but will not move. Trying again for ever
+            # would hang the client with no word of why.
+            self._set_erred(ts, RuntimeError(
+                f"task {key!r} could not fetch its input {dep!r} from "
+                f"{', '.join(holders) or 'any worker'} in "
+                f"{ts.fetch_failures} tries; the workers' logs say why"),
+                None)
             return
         ts.processing_on.processing.discard(ts)
         ts.processing_on = None

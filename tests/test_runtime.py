@@ -232,3 +232,11 @@ def test_functions_from_main_run_on_workers(tmp_path, cluster):
 def test_client_with_address_and_cluster_kwargs_is_an_error(cluster):
     with pytest.raises(ValueError, match="both an address"):
         Client(cluster.scheduler_address, n_workers=2)
+
+
+def test_a_large_value_moves_between_workers(client):
+    a, b = sorted(client.scheduler_info()["workers"])
+    big = client.submit(lambda: b"x" * (150 * 2**20), workers=[a],
+                        pure=False)
+    length = client.submit(len, big, workers=[b])
+    assert length.result(timeout=60) == 150 * 2**20
