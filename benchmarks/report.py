@@ -167,9 +167,13 @@ def summary(run):
     engines = ", ".join(f"{k} {v}" for k, v in run["engines"].items())
     load = run["load_average"]
     quiet = "quiet" if load["before"][0] < QUIET else "busy"
+    commit = facts["commit"]
+    after = run.get("commit_after", commit)
+    if after != commit:
+        commit = f"{commit}, {after} by the end (changed during the run)"
     return "\n".join([
         f"machine: {machine.describe(facts)}",
-        f"engines: {engines}; commit {facts['commit']}; {run['when']}",
+        f"engines: {engines}; commit {commit}; {run['when']}",
         f"load average (1, 5, 15 min): before {load['before']} ({quiet}), "
         f"after {load['after']}; the run took {run['seconds']:.0f} s"
         + (" (--quick: tiny sizes, not measurements)" if run["quick"] else ""),
