@@ -313,3 +313,28 @@ def threads(engine, sizes):
         rows.append(Measure(f"1 worker of {threads}, {n:,} tasks", cost,
                             "µs/task", LOWER))
     return rows
+
+
+@case("unwatched dashboard", needs_client=False)
+def dashboard_unwatched(engine, sizes):
+    """Tiny tasks with the dashboard off, then on with no browser on it.
+
+    A dashboard nobody looks at should cost the scheduler nothing: the
+    ratio of the two rates is 1 when it does not.
+    """
+    n = sizes.tiny_tasks
+    rates = {}
+    for label, address in [("off", None), ("on", "127.0.0.1:0")]:
+        with engine.LocalCluster(n_workers=2, threads_per_worker=1,
+                                 dashboard_address=address) as cluster, \
+                engine.Client(cluster) as client:
+            client.wait_for_workers(2)
+            warm_up(client)
+            start = time.perf_counter()
+            results = client.gather(client.map(inc, range(n), pure=False))
+            rates[label] = n / (time.perf_counter() - start)
+            assert results == list(range(1, n + 1))
+    return [Measure(f"{n:,} tasks, dashboard on", rates["on"], "tasks/s",
+                    HIGHER),
+            Measure("rate with it on over rate with it off",
+                    rates["on"] / rates["off"], "x", HIGHER)]
