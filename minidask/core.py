@@ -232,10 +232,18 @@ async def read_stream(comm, handlers, log=logger, **extra):
 class ConnectionPool:
     """Reusable connections to peers, for request/reply calls."""
 
+    # Connections open at once to one peer. Without a cap, a worker that
+    # fetches many inputs from one holder at once opens one connection for
+    # each, and the holder refuses handshakes past comm.max-pending-
+    # handshakes; with it, requests beyond the cap wait for a free one.
+    PER_PEER = 8
+
     def __init__(self, secret, security=None):
         self.secret = secret
         self.security = security
         self.idle = collections.defaultdict(list)
+        self.slots = collections.defaultdict(
+            lambda: asyncio.Semaphore(self.PER_PEER))
         self.closed = False
 
     async def connect(self, address, timeout=None):
@@ -248,6 +256,10 @@ class ConnectionPool:
 
     async def call(self, address, op, /, connect_timeout=None, **msg):
         """Send ``{"op": op, **msg}`` to ``address`` and return the reply."""
+        async with self.slots[address]:
+            return await self._call(address, op, connect_timeout, msg)
+
+    async def _call(self, address, op, connect_timeout, msg):
         idle = self.idle[address]
         comm = idle.pop() if idle else await self.connect(address,
                                                            connect_timeout)
