@@ -42,6 +42,7 @@ __all__ = [
     "openssh_server_unprivileged",
     "require_remote_python",
     "root_remote_python",
+    "server",
     "ssh_test_user",
     "unprivileged_remote_python",
 ]
@@ -121,3 +122,18 @@ def embedded_ssh_server():
 
 def _children():
     return set(psutil.Process().children(recursive=True))
+
+
+# Each SSH test that takes ``server`` runs once against each kind of server.
+SERVERS = [
+    pytest.param("embedded_ssh_server", id="embedded"),
+    pytest.param("openssh_server", id="openssh", marks=pytest.mark.ssh),
+    pytest.param("openssh_server_unprivileged", id="openssh-unprivileged",
+                 marks=pytest.mark.ssh),
+]
+
+
+@pytest.fixture(params=SERVERS)
+def server(request):
+    """The embedded server, OpenSSH's sshd as root, and as another user."""
+    return request.getfixturevalue(request.param)

@@ -34,18 +34,6 @@ from helpers import free_port, wait_until
 from ssh_fixtures import require_remote_python
 from sshd_fixture import is_alive
 
-SERVERS = [
-    pytest.param("embedded_ssh_server", id="embedded"),
-    pytest.param("openssh_server", id="openssh", marks=pytest.mark.ssh),
-    pytest.param("openssh_server_unprivileged", id="openssh-unprivileged",
-                 marks=pytest.mark.ssh),
-]
-
-
-@pytest.fixture(params=SERVERS)
-def server(request):
-    return request.getfixturevalue(request.param)
-
 
 @pytest.fixture
 def shared_dir():

@@ -26,18 +26,6 @@ from sshd_fixture import SOURCE_ROOT, TEST_USER, free_port, is_alive
 
 TIMEOUT = 60
 
-SERVERS = [
-    pytest.param("embedded_ssh_server", id="embedded"),
-    pytest.param("openssh_server", id="openssh", marks=pytest.mark.ssh),
-    pytest.param("openssh_server_unprivileged", id="openssh-unprivileged",
-                 marks=pytest.mark.ssh),
-]
-
-
-@pytest.fixture(params=SERVERS)
-def server(request):
-    return request.getfixturevalue(request.param)
-
 
 def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT))
