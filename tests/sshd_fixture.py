@@ -72,6 +72,10 @@ import asyncssh
 import psutil
 
 import minidask
+# The embedded server's own helpers: a zombie counts as ended, and key
+# files are made private from the start.
+from minidask.deploy.sshd import _is_alive as is_alive
+from minidask.deploy.sshd import _write_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -551,15 +555,3 @@ class OpenSSHServer:
             return "(no log)"
 
 
-def is_alive(proc):
-    """Whether `proc` runs; a zombie has ended and only awaits its reaping."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _write_private_key(key, path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(key.export_private_key())
