@@ -6,7 +6,9 @@ send it on that stream and return a :class:`Future` at once, without
 waiting for any answer. The scheduler answers on the same stream when a
 result is ready (``key-in-memory``, naming the workers that hold it) or
 failed (``task-erred``); ``result()`` and ``gather()`` then fetch the value
-straight from a worker that holds it, not through the scheduler.
+straight from a worker that holds it, not through the scheduler. A small
+result (a number, a short string) comes with ``key-in-memory`` itself, and
+needs no fetch.
 
 Futures are counted: when the last Future for a key is dropped, the client
 tells the scheduler it no longer wants that key, and the cluster frees it.
@@ -22,6 +24,7 @@ import concurrent.futures
 import hashlib
 import itertools
 import logging
+import pickle
 import queue
 import threading
 import uuid
@@ -46,12 +49,13 @@ class FutureState:
     """The shared state of every Future for one key."""
 
     __slots__ = ("status", "exception", "traceback", "type", "workers",
-                 "event", "aio_event", "callbacks")
+                 "value", "event", "aio_event", "callbacks")
 
     def __init__(self):
         self.status = "pending"
         self.exception = self.traceback = self.type = None
         self.workers = []
+        self.value = None  # a small result's pickle, if it came along
         self.event = threading.Event()
         self.aio_event = asyncio.Event()
         self.callbacks = []
@@ -61,8 +65,8 @@ class FutureState:
         self.event.set()
         self.aio_event.set()
 
-    def finish(self, type_name, workers):
-        self.type, self.workers = type_name, workers
+    def finish(self, type_name, workers, value=None):
+        self.type, self.workers, self.value = type_name, workers, value
         self._done("finished")
 
     def fail(self, exception, traceback, status="error"):
@@ -72,6 +76,7 @@ class FutureState:
     def reset(self):
         self.status = "pending"
         self.workers = []
+        self.value = None
         self.event.clear()
         self.aio_event.clear()
 
@@ -99,6 +104,13 @@ class Future:
 
     def result(self, timeout=None):
         """Wait for the result and return it, or raise the task's error."""
+        state = self._state
+        if not state.event.wait(timeout):
+            raise TimeoutError(
+                f"{self.key!r} was not done within {timeout} s")
+        value = state.value
+        if value is not None:  # small: it came with the news it was done
+            return pickle.loads(value)
         try:
             data = self.client._gather_sync([self.key], timeout=timeout)
         except TimeoutError:
@@ -305,10 +317,10 @@ class Client:
             for future, fn in callbacks:
                 self._run_callback(fn, future)
 
-    def _on_key_in_memory(self, key, type, workers):
+    def _on_key_in_memory(self, key, type, workers, value=None):
         state = self._states.get(key)
         if state is not None:
-            self._settle(state, lambda s: s.finish(type, workers))
+            self._settle(state, lambda s: s.finish(type, workers, value))
 
     def _on_task_erred(self, key, exception, traceback):
         state = self._states.get(key)
@@ -529,6 +541,10 @@ class Client:
                     raise _fresh(state.exception)
             wanted = {k: s for k, s in states.items()
                       if s.status == "finished"}
+            for key, state in list(wanted.items()):
+                if state.value is not None:  # it came with key-in-memory
+                    data[key] = pickle.loads(state.value)
+                    del wanted[key]
             if not wanted:
                 break
             data.update(await self._fetch(wanted))

@@ -13,9 +13,12 @@ Frame 1 is the pickle (protocol 5) of the message. Large binary values
 (NumPy arrays, and big ``bytes`` wrapped by :func:`to_wire`) are not copied
 into that pickle: pickle hands them over as out-of-band buffers, which are
 written to the socket as frames of their own and read back straight into
-buffers of their final size. Functions defined in ``__main__`` (a notebook)
-cannot be pickled by reference, so messages that mention ``__main__`` go
-through cloudpickle, which pickles such functions by value.
+memory of their final size (see :func:`new_buffer`). The top bit of a
+frame's length marks it read-only: it is received as a ``bytes`` object,
+which pickle then uses as it is, with no copy. Functions defined in
+``__main__`` (a notebook) cannot be pickled by reference, so messages that
+mention ``__main__`` go through cloudpickle, which pickles such functions
+by value.
 
 Before any message is read, both ends run a handshake that proves each
 knows the cluster secret (see :func:`_handshake_server`). Nothing from a
@@ -24,9 +27,11 @@ can neither run code on the cluster nor feed it a malicious pickle.
 """
 
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import logging
+import mmap
 import os
 import pickle
 import socket
@@ -48,6 +53,9 @@ PROOF_BYTES = 32  # SHA-256 digest
 ACCEPT, REFUSE = b"+", b"-"
 MAX_FRAMES = 1_000_000
 LARGE_BYTES = 64 * 1024  # bytes values above this travel out of band
+READ_ONLY = 1 << 63  # a flag on a frame's length: receive it as bytes
+SMALL_FRAME = 64 * 1024  # frames below this share one write with the header
+HUGE_FRAME = 2 * 2**20  # frames from this size up go to huge-page memory
 
 
 # -- errors ---------------------------------------------------------------
@@ -153,6 +161,64 @@ def loads(frames):
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
+def _length_field(frame):
+    view = memoryview(frame)
+    return view.nbytes | (READ_ONLY if view.readonly else 0)
+
+
+# -- memory to receive into -------------------------------------------------
+
+def new_buffer(nbytes, read_only=False):
+    """Memory for a frame of ``nbytes``: ``(frame, writable view of it)``.
+
+    A read-only frame becomes a ``bytes`` object; a writable one becomes
+    memory that a NumPy array (say) can go on using as its own. The view
+    is for receiving into; release it once the frame is full.
+
+    Receiving a large value costs less in copying than in the kernel
+    handing out fresh pages, one fault per 4 KiB page. So large writable
+    frames are private anonymous maps with transparent huge pages asked
+    for: a fault per 2 MiB. A large ``bytes`` object is filled where it
+    lies, as CPython's own C code fills a new one before handing it out,
+    instead of receiving into a buffer and copying it (which would also
+    need twice the memory); other interpreters make that copy.
+    """
+    if read_only and _new_bytes is not None and nbytes:
+        frame = _new_bytes(None, nbytes)
+        contents = (ctypes.c_char * nbytes).from_address(
+            id(frame) + _BYTES_OFFSET)
+        return frame, memoryview(contents).cast("B")
+    buffer = _writable(nbytes)
+    return buffer, memoryview(buffer)
+
+
+def _bytes_maker():
+    """CPython's maker of new bytes objects, and where their contents lie."""
+    try:
+        maker = ctypes.pythonapi.PyBytes_FromStringAndSize
+    except AttributeError:  # not CPython
+        return None, None
+    maker.restype = ctypes.py_object
+    maker.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+    offset = bytes.__basicsize__ - 1  # the header, then the contents
+    probe = maker(b"minidask", 8)
+    if ctypes.string_at(id(probe) + offset, 8) != probe:
+        return None, None  # a layout we do not know: copy instead
+    return maker, offset
+
+
+_new_bytes, _BYTES_OFFSET = _bytes_maker()
+
+
+def _writable(nbytes):
+    if nbytes < HUGE_FRAME or not hasattr(mmap, "MAP_PRIVATE"):
+        return bytearray(nbytes)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
+
+
 # -- the handshake ------------------------------------------------------------
 
 def _proof(secret, role, first, second):
@@ -219,7 +285,13 @@ def _refused_message(address, secret):
 # -- one connection -------------------------------------------------------------
 
 class Comm:
-    """One connection to a peer, carrying whole messages both ways."""
+    """One connection to a peer, carrying whole messages both ways.
+
+    Reading goes through a buffer of our own: one read from the stream
+    takes whatever has arrived, often several small messages at once, and
+    they are parsed from there. A large frame is received straight into
+    its own memory instead (see :func:`new_buffer`).
+    """
 
     def __init__(self, stream, local_address, peer_address, max_frame=None):
         self.stream = stream
@@ -228,6 +300,8 @@ class Comm:
         self.max_frame = max_frame or parse_bytes(
             config.get("comm.max-frame-size"))
         self.name = None  # what the other end is, once known
+        self._buffer = memoryview(bytearray(2 * SMALL_FRAME))
+        self._start = self._end = 0  # what is unread: _buffer[_start:_end]
 
     def __repr__(self):
         return f"<Comm {self.local_address} -> {self.peer_address}>"
@@ -235,21 +309,9 @@ class Comm:
     async def read(self):
         """Read one message; raise CommClosedError when the peer is gone."""
         try:
-            (count,) = struct.unpack("<Q", await self.stream.read_bytes(8))
-            if not 0 < count <= MAX_FRAMES:
-                raise ProtocolError(f"{self.peer_address} sent {count} frames")
-            lengths = struct.unpack(
-                f"<{count}Q", await self.stream.read_bytes(8 * count))
-            if max(lengths) > self.max_frame:
-                raise ProtocolError(
-                    f"{self.peer_address} sent a frame of {max(lengths)} "
-                    f"bytes, over comm.max-frame-size ({self.max_frame})")
-            frames = []
-            for length in lengths:
-                frame = bytearray(length)
-                if length:
-                    await self.stream.read_into(frame)
-                frames.append(frame)
+            frames = [await self._take(field & ~READ_ONLY,
+                                       bool(field & READ_ONLY))
+                      for field in await self._read_header()]
         except StreamClosedError as exc:
             self.stream.close()
             raise CommClosedError(
@@ -265,6 +327,52 @@ class Comm:
                 f"{self.peer_address} sent a message that does not "
                 f"unpickle: {exc!r}") from exc
 
+    async def _read_header(self):
+        """The length fields of the frames of the next message."""
+        (count,) = struct.unpack("<Q", await self._take(8))
+        if not 0 < count <= MAX_FRAMES:
+            raise ProtocolError(f"{self.peer_address} sent {count} frames")
+        fields = struct.unpack(f"<{count}Q", await self._take(8 * count))
+        largest = max(field & ~READ_ONLY for field in fields)
+        if largest > self.max_frame:
+            raise ProtocolError(
+                f"{self.peer_address} sent a frame of {largest} bytes, "
+                f"over comm.max-frame-size ({self.max_frame})")
+        return fields
+
+    async def _take(self, nbytes, read_only=True):
+        """The next ``nbytes`` of the stream: bytes, or writable memory."""
+        if nbytes > SMALL_FRAME:
+            return await self._take_large(nbytes, read_only)
+        while self._end - self._start < nbytes:
+            await self._fill()
+        piece = self._buffer[self._start:self._start + nbytes]
+        self._start += nbytes
+        return bytes(piece) if read_only else bytearray(piece)
+
+    async def _fill(self):
+        """Read whatever has arrived (at least a byte) into the buffer."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end > SMALL_FRAME:  # move the unread part to the front
+            unread = self._end - self._start
+            self._buffer[:unread] = self._buffer[self._start:self._end]
+            self._start, self._end = 0, unread
+        self._end += await self.stream.read_into(
+            self._buffer[self._end:], partial=True)
+
+    async def _take_large(self, nbytes, read_only):
+        frame, view = new_buffer(nbytes, read_only)
+        with view:
+            buffered = min(self._end - self._start, nbytes)
+            view[:buffered] = self._buffer[self._start:self._start + buffered]
+            self._start += buffered
+            if buffered < nbytes:
+                await self.stream.read_into(view[buffered:])
+        if read_only and type(frame) is not bytes:
+            frame = bytes(frame)  # not CPython: one copy
+        return frame
+
     async def write(self, msg):
         """Send one message; raise CommClosedError when the peer is gone."""
         written = self.write_nowait(msg)
@@ -278,15 +386,24 @@ class Comm:
         """Queue one message on the socket; return a future of its writing.
 
         All of a message's frames are queued in this one call, so that
-        messages from different writers never interleave on the wire.
+        messages from different writers never interleave on the wire. The
+        header and the small frames go in one write: each write can be a
+        packet of its own, and a peer woken by a packet that holds half a
+        message only goes back to waiting.
         """
         frames = dumps(msg)
-        lengths = [memoryview(f).nbytes for f in frames]
-        header = struct.pack(f"<Q{len(frames)}Q", len(frames), *lengths)
+        fields = [_length_field(frame) for frame in frames]
+        small = [struct.pack(f"<Q{len(fields)}Q", len(fields), *fields)]
         try:
-            written = self.stream.write(header)
-            for frame in frames:
+            for frame, field in zip(frames, fields):
+                if field & ~READ_ONLY < SMALL_FRAME:
+                    small.append(frame)
+                    continue
+                self.stream.write(b"".join(small))
+                small = []
                 written = self.stream.write(frame)
+            if small:
+                written = self.stream.write(b"".join(small))
         except StreamClosedError as exc:
             raise CommClosedError(
                 f"connection to {self.peer_address} closed") from exc

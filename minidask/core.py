@@ -333,12 +333,13 @@ class Server:
         try:
             while True:
                 msg = await comm.read()
+                op = msg.get("op") if isinstance(msg, dict) else None
                 reply = await self._dispatch(comm, msg)
                 if reply is NO_REPLY:
                     if comm.closed():
                         return
                     continue
-                await comm.write(reply)
+                await self._reply(comm, op, reply)
         except CommClosedError:
             pass
         except ProtocolError as exc:
@@ -347,6 +348,16 @@ class Server:
         finally:
             self._comms.discard(comm)
             comm.abort()
+
+    async def _reply(self, comm, op, reply):
+        try:
+            await comm.write(reply)
+        except CommError:
+            raise
+        except Exception as exc:  # the reply does not pickle
+            await comm.write(error_reply(TypeError(
+                f"{self.kind.lower()} {self.address} cannot send its answer "
+                f"to {op!r}: {exc}; only values that pickle can leave it")))
 
     async def _dispatch(self, comm, msg):
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):

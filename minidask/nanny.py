@@ -119,6 +119,8 @@ class Nanny(Server):
         # standard output when it is printed, not when the worker exits.
         env = {**os.environ, **self.env, "MINIDASK_SECRET": self.secret,
                "PYTHONUNBUFFERED": "1"}
+        if config.get("nanny.huge-pages"):
+            env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         self.process = await asyncio.create_subprocess_exec(
             *self._command(), env=env, stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True)

@@ -638,9 +638,12 @@ class Scheduler(Server):
                             "exception": ts.exception,
                             "traceback": ts.traceback})
 
-    def _memory_msg(self, ts):
-        return {"op": "key-in-memory", "key": ts.key, "type": ts.type,
-                "workers": [ws.address for ws in ts.who_has]}
+    def _memory_msg(self, ts, value=None):
+        msg = {"op": "key-in-memory", "key": ts.key, "type": ts.type,
+               "workers": [ws.address for ws in ts.who_has]}
+        if value is not None:
+            msg["value"] = value
+        return msg
 
     def _release_for(self, cs, tasks):
         for ts in tasks:
@@ -840,13 +843,18 @@ class Scheduler(Server):
             ts.executing = True
 
     def handle_task_finished(self, worker, key, nbytes, type, start, stop,
-                             thread):
-        """A result is in memory: tell its clients, start what it unblocks."""
+                             thread, value=None):
+        """A result is in memory: tell its clients, start what it unblocks.
+
+        ``value`` is the pickle of a small result, passed on to the clients
+        waiting for it (never unpickled here, nor kept).
+        """
         ws = self.workers.get(worker)
         if ws is None:
             return
         _check_timing(start, stop, thread)
         _expect(nbytes, int, "nbytes")
+        _expect(value, bytes, "value", optional=True)
         ts = self._processing_here(key, worker)
         if ts is None:
             self._stale_result(ws, key)
@@ -868,7 +876,7 @@ class Scheduler(Server):
         for dep in ts.dependencies:
             dep.waiters.discard(ts)
         for cs in ts.who_wants:
-            cs.stream.send(self._memory_msg(ts))
+            cs.stream.send(self._memory_msg(ts, value))
         ready.sort()
         for dependent in ready:
             self._assign(dependent)
@@ -1100,8 +1108,9 @@ def _likely_running(tasks, nthreads):
     """The tasks a dead worker was probably running when it died.
 
     Those it said it had started, topped up to one per thread with the
-    first in priority order: a task that kills its worker at once dies
-    before its "task-started" message can leave, and the worker starts
+    first in priority order: a worker reports a start only once the task
+    has run for a moment (``worker.START_REPORT_DELAY``), so a task that
+    kills its worker at once is never reported, and the worker starts
     tasks in priority order. Blaming every queued task instead would, on
     a busy cluster, soon err innocent tasks with KilledWorker.
     """

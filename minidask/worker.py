@@ -37,13 +37,19 @@ from minidask import comm as comms
 from minidask import config
 from minidask.comm import CommClosedError, CommError
 from minidask.core import BatchedSend, RemoteError, Server, read_stream
-from minidask.task import FunctionCache, run_spec
+from minidask.task import FunctionCache, pickle_bytes, run_spec
 from minidask.utils import format_bytes, parse_bytes, parse_timedelta
 
 logger = logging.getLogger(__name__)
 print_logger = logging.getLogger("minidask.print")
 
 EXIT_SCHEDULER_LOST = 3  # exit status of a worker process whose scheduler left
+# A task still running this long (seconds) after it started is reported
+# to the scheduler as started; see Worker._note_started.
+START_REPORT_DELAY = 0.05
+# Results whose pickle is at most this many bytes travel with the message
+# that says they are done; see _small_pickle.
+INLINE_RESULT_BYTES = 1024
 
 
 class MissingData(Exception):
@@ -199,6 +205,8 @@ class Worker(Server):
         self.tasks = {}
         self.ready = []  # heap of (priority, sequence, key)
         self.executing = 0
+        self._unreported = set()  # running, not yet reported as started
+        self._start_report = None  # the timer that will report them
         self.in_flight = {}  # key -> future of a fetch under way
         self.functions = FunctionCache()
         self.threads = None  # started with the worker, on its loop
@@ -314,6 +322,8 @@ class Worker(Server):
             self.scheduler.abort()
         if self.threads is not None:
             self.threads.shutdown()
+        if self._start_report is not None:
+            self._start_report.cancel()
         await self.close_server()
         self.data.clear()
         self.status = "closed"
@@ -468,9 +478,28 @@ class Worker(Server):
             if task is None:
                 continue  # freed while it waited
             self.executing += 1
-            self.scheduler.send({"op": "task-started", "key": key})
+            self._note_started(key)
             inputs = {d: self.data[d] for d in task.deps}
             self.threads.submit(task, task.spec, inputs)
+
+    def _note_started(self, key):
+        """Tell the scheduler of a start, if the task is still running later.
+
+        The scheduler needs to know which tasks were running only when a
+        worker dies, to blame them. Most tasks finish well within
+        ``START_REPORT_DELAY``; for them, a message of its own would cost
+        the scheduler a wake-up on the path of every task.
+        """
+        self._unreported.add(key)
+        if self._start_report is None:
+            self._start_report = asyncio.get_running_loop().call_later(
+                START_REPORT_DELAY, self._report_starts)
+
+    def _report_starts(self):
+        self._start_report = None
+        for key in self._unreported:
+            self.scheduler.send({"op": "task-started", "key": key})
+        self._unreported.clear()
 
     def _execute(self, spec, inputs):
         """Run one task; this is the only code that runs in the pool."""
@@ -498,6 +527,7 @@ class Worker(Server):
 
     def _task_done(self, task, outcome):
         self.executing -= 1
+        self._unreported.discard(task.key)
         if self.status == "running":
             self._run_ready()
         if self.tasks.get(task.key) is not task:
@@ -517,10 +547,14 @@ class Worker(Server):
                 "start": start, "stop": stop, "thread": thread})
 
     def _send_finished(self, key, start, stop, thread):
-        self.scheduler.send({
-            "op": "task-finished", "key": key, "nbytes": self.nbytes[key],
-            "type": type(self.data[key]).__name__, "start": start,
-            "stop": stop, "thread": thread})
+        msg = {"op": "task-finished", "key": key, "nbytes": self.nbytes[key],
+               "type": type(self.data[key]).__name__, "start": start,
+               "stop": stop, "thread": thread}
+        if self.nbytes[key] <= INLINE_RESULT_BYTES:
+            value = _small_pickle(self.data[key])
+            if value is not None:
+                msg["value"] = value
+        self.scheduler.send(msg)
 
     # -- other requests --------------------------------------------------------------
 
@@ -539,6 +573,21 @@ class Worker(Server):
     async def handle_close(self, comm=None, reason="asked to"):
         asyncio.ensure_future(self.close(reason))
         return "closing"
+
+
+def _small_pickle(value):
+    """The pickle of a small result, or None if it is not small or fails.
+
+    A small result rides with the message that says it is done, so that
+    a client waiting for it need not ask this worker for it: a round trip
+    saved on the path of every small task. The scheduler passes it on
+    without unpickling it.
+    """
+    try:
+        data = pickle_bytes(value)
+    except TypeError:
+        return None  # a client that asks gets the error from get-data
+    return data if len(data) <= INLINE_RESULT_BYTES else None
 
 
 def _sendable(exc):

@@ -114,7 +114,7 @@ STREAM_OPS = {
     "worker": {
         "task-started": ["key"],
         "task-finished": ["key", "nbytes", "type", "start", "stop",
-                          "thread"],
+                          "thread", "value"],
         "task-erred": ["key", "exception", "traceback", "start", "stop",
                        "thread"],
         "missing-data": ["key", "dep", "holders"],

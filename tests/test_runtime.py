@@ -240,3 +240,63 @@ def test_a_large_value_moves_between_workers(client):
                         pure=False)
     length = client.submit(len, big, workers=[b])
     assert length.result(timeout=60) == 150 * 2**20
+
+
+def test_small_results_come_with_the_message_that_they_are_done(client):
+    small = client.submit(inc, 41, pure=False)
+    large = client.submit(operator.mul, b"z", 5000, pure=False)
+    wait([small, large], timeout=10)
+    # the small one's pickle travelled worker -> scheduler -> client
+    assert small._state.value is not None
+    assert large._state.value is None  # the large one is fetched
+    assert small.result() == 42 and large.result() == b"z" * 5000
+    assert client.gather([small, small]) == [42, 42]
+
+
+def test_a_result_that_does_not_pickle_is_an_error_naming_it(client):
+    import threading
+    future = client.submit(threading.Lock, pure=False)
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock'"):
+        future.result(timeout=10)
+    assert client.submit(inc, 1).result(timeout=10) == 2
+
+
+def _executing(key):
+    def check(dask_scheduler):
+        return dask_scheduler.tasks[key].executing
+    return check
+
+
+def test_a_long_task_is_reported_as_running(client):
+    from minidask.worker import START_REPORT_DELAY
+    future = client.submit(slow_inc, 1, delay=START_REPORT_DELAY * 40,
+                           pure=False)
+    wait_until(lambda: client.run_on_scheduler(_executing(future.key)),
+               timeout=START_REPORT_DELAY * 30,
+               message="the scheduler never heard the task had started")
+    assert future.result(timeout=10) == 2
+
+
+def _glibc_tunables():
+    return os.environ.get("GLIBC_TUNABLES")
+
+
+def test_worker_processes_ask_for_huge_pages(client):
+    assert set(client.run(_glibc_tunables).values()) == {
+        "glibc.malloc.hugetlb=1"}
+
+
+def test_huge_pages_can_be_turned_off_and_a_set_value_is_kept(monkeypatch):
+    from minidask import LocalCluster
+    for setting, env, expected in [(False, None, None),
+                                   (True, "glibc.malloc.arena_max=4",
+                                    "glibc.malloc.arena_max=4")]:
+        if env is None:
+            monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+        else:
+            monkeypatch.setenv("GLIBC_TUNABLES", env)
+        with minidask.config.set({"nanny.huge-pages": setting}), \
+                LocalCluster(n_workers=1, threads_per_worker=1,
+                             dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            assert list(client.run(_glibc_tunables).values()) == [expected]
