@@ -29,3 +29,17 @@ def random_array(nbytes):
 def scheduler_task_count(dask_scheduler):
     """Run on the scheduler: how many tasks it still knows."""
     return len(dask_scheduler.tasks)
+
+
+def loop_cpu_seconds(dask_scheduler):
+    """Run on the scheduler: CPU time of its event loop thread so far."""
+    import time
+    return time.thread_time()
+
+
+def open_dashboard_pages(dask_scheduler):
+    """Run on a minidask scheduler: the dashboard pages open now, each a
+    Bokeh session with periodic updates; None where that is not known."""
+    sessions = getattr(getattr(dask_scheduler, "dashboard", None),
+                       "sessions", None)
+    return len(sessions()) if callable(sessions) else None

@@ -45,24 +45,53 @@ _clients = weakref.WeakSet()
 _priority = itertools.count()
 
 
+# Guards the creation of FutureState events against a state being settled.
+_event_lock = threading.Lock()
+
+
 class FutureState:
-    """The shared state of every Future for one key."""
+    """The shared state of every Future for one key.
+
+    The event loop settles it; any thread may wait for that. The
+    threading.Event a waiting thread needs is made only when one waits
+    before the state is settled: most states never need one.
+    """
 
     __slots__ = ("status", "exception", "traceback", "type", "workers",
-                 "value", "event", "aio_event", "callbacks")
+                 "value", "settled", "event", "aio_event", "callbacks")
 
     def __init__(self):
         self.status = "pending"
         self.exception = self.traceback = self.type = None
         self.workers = []
         self.value = None  # a small result's pickle, if it came along
-        self.event = threading.Event()
+        self.settled = False
+        self.event = None
         self.aio_event = asyncio.Event()
         self.callbacks = []
 
+    def is_done(self):
+        return self.settled
+
+    def wait(self, timeout=None):
+        """Wait until settled, from any thread but the loop's; True if so."""
+        if self.settled:
+            return True
+        with _event_lock:
+            if self.event is None:
+                self.event = threading.Event()
+            if self.settled:
+                return True
+            event = self.event
+        return event.wait(timeout)
+
     def _done(self, status):
         self.status = status
-        self.event.set()
+        self.settled = True
+        with _event_lock:
+            event = self.event
+        if event is not None:
+            event.set()
         self.aio_event.set()
 
     def finish(self, type_name, workers, value=None):
@@ -77,7 +106,10 @@ class FutureState:
         self.status = "pending"
         self.workers = []
         self.value = None
-        self.event.clear()
+        self.settled = False
+        with _event_lock:
+            if self.event is not None:
+                self.event.clear()
         self.aio_event.clear()
 
 
@@ -100,12 +132,12 @@ class Future:
         return self._state.status
 
     def done(self):
-        return self._state.event.is_set()
+        return self._state.is_done()
 
     def result(self, timeout=None):
         """Wait for the result and return it, or raise the task's error."""
         state = self._state
-        if not state.event.wait(timeout):
+        if not state.wait(timeout):
             raise TimeoutError(
                 f"{self.key!r} was not done within {timeout} s")
         value = state.value
@@ -122,7 +154,7 @@ class Future:
 
     def exception(self, timeout=None):
         """The exception the task raised, or None once it finished well."""
-        if not self._state.event.wait(timeout):
+        if not self._state.wait(timeout):
             raise TimeoutError(
                 f"{self.key!r} was not done within {timeout} s")
         return self._state.exception
@@ -267,7 +299,7 @@ class Client:
         security = getattr(self.cluster, "security", None)
         self._pool = ConnectionPool(secret, security)
         try:
-            comm = await self._pool.connect(address, timeout)
+            comm = await self._pool.connect(address, timeout, local=True)
         except ConnectError as exc:
             where = self._configured_from
             if where:
@@ -305,7 +337,7 @@ class Client:
                 f"lost the connection to the scheduler at "
                 f"{self.scheduler_address}: results not yet fetched are gone")
             for state in list(self._states.values()):
-                if not state.event.is_set():
+                if not state.is_done():
                     self._settle(state, lambda s: s.fail(error, None, "lost"))
 
     # -- messages from the scheduler ------------------------------------------------
@@ -339,7 +371,7 @@ class Client:
 
     def _on_task_cancelled(self, key):
         state = self._states.get(key)
-        if state is not None and not state.event.is_set():
+        if state is not None and not state.is_done():
             self._settle(state, lambda s: s.fail(
                 CancelledError(f"{key!r} was cancelled"), None, "cancelled"))
 
@@ -354,7 +386,7 @@ class Client:
     # -- callbacks ---------------------------------------------------------------------
 
     def _add_callback(self, state, future, fn):
-        if state.event.is_set():
+        if state.is_done():
             self._run_callback(fn, future)
         else:
             state.callbacks.append((future, fn))
@@ -641,7 +673,7 @@ class Client:
         def cancel():
             for key in keys:
                 state = self._states.get(key)
-                if state is not None and not state.event.is_set():
+                if state is not None and not state.is_done():
                     self._settle(state, lambda s: s.fail(error, None,
                                                          "cancelled"))
         call_soon(cancel)
@@ -725,7 +757,7 @@ class Client:
         self.status = "closing"
         error = CancelledError("the client was closed")
         for state in list(self._states.values()):
-            if not state.event.is_set():
+            if not state.is_done():
                 self._settle(state, lambda s: s.fail(error, None,
                                                      "cancelled"))
         self._stream.abort()
@@ -837,7 +869,7 @@ def wait(futures, timeout=None, return_when=ALL_COMPLETED):
         deadline = None if timeout is None else _now() + timeout
         for f in items:
             left = None if deadline is None else max(0, deadline - _now())
-            if not f._state.event.wait(left):
+            if not f._state.wait(left):
                 raise TimeoutError(f"{sum(not g.done() for g in items)} of "
                                    f"{len(items)} futures not done within "
                                    f"{timeout} s")

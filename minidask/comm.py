@@ -27,6 +27,7 @@ can neither run code on the cluster nor feed it a malicious pickle.
 """
 
 import asyncio
+import collections
 import ctypes
 import hashlib
 import hmac
@@ -36,6 +37,7 @@ import os
 import pickle
 import socket
 import struct
+import weakref
 
 import cloudpickle
 from tornado.iostream import IOStream, StreamClosedError
@@ -437,6 +439,103 @@ class Comm:
         self.stream.close()
 
 
+# -- within one process ---------------------------------------------------
+
+class LocalComm:
+    """One end of a connection between two servers of the same process.
+
+    A client in the process that runs its scheduler (a LocalCluster, the
+    usual case in a notebook) talks to it through a pair of these: both
+    run on minidask's one event loop, so a message is handed over as the
+    object it is, with no pickling and no socket. The receiver owns what
+    it gets: a sender never touches a message again (every minidask
+    sender builds a fresh one), and the two sides may share immutable
+    parts of it (a task's spec, a result's pickle, an exception).
+    """
+
+    def __init__(self, local_address, peer_address):
+        self.local_address = local_address
+        self.peer_address = peer_address
+        self.name = None
+        self.peer = None
+        self._inbox = collections.deque()
+        self._waiter = None
+        self._closed = False
+
+    @classmethod
+    def pair(cls, server_address, client_address):
+        """The client's end and the server's end of a new connection."""
+        ours = cls(client_address, server_address)
+        theirs = cls(server_address, client_address)
+        ours.peer, theirs.peer = theirs, ours
+        return ours, theirs
+
+    def __repr__(self):
+        return f"<LocalComm {self.local_address} -> {self.peer_address}>"
+
+    async def read(self):
+        while not self._inbox:
+            if self._closed:
+                raise CommClosedError(
+                    f"connection to {self.peer_address} closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._inbox.popleft()
+
+    async def write(self, msg):
+        self.write_nowait(msg)
+
+    def write_nowait(self, msg):
+        if self._closed:
+            raise CommClosedError(f"connection to {self.peer_address} closed")
+        self.peer._deliver(msg)
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(None)
+        return written
+
+    def _deliver(self, msg):
+        self._inbox.append(msg)
+        self._wake()
+
+    def _wake(self):
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    def closed(self):
+        return self._closed
+
+    def peer_gone(self):
+        return self._closed
+
+    def abort(self):
+        """Close both ends: the peer reads what was sent, then the end."""
+        for end in (self, self.peer):
+            end._closed = True
+            end._wake()
+
+    async def close(self):
+        self.abort()
+
+
+# Listeners of this process by address, for connect(..., local=True).
+_local_listeners = weakref.WeakValueDictionary()
+
+
+def _connect_locally(address, secret):
+    listener = _local_listeners.get(address)
+    if listener is None or listener.loop is not asyncio.get_running_loop():
+        return None
+    if not hmac.compare_digest(as_secret_bytes(secret) or b"",
+                               listener.secret or b""):
+        logger.warning("refused connection from this process: wrong or "
+                       "missing cluster secret")
+        raise AuthenticationError(_refused_message(address, secret))
+    ours, theirs = LocalComm.pair(address, f"local://{os.getpid()}")
+    asyncio.ensure_future(listener.comm_handler(theirs))
+    return ours
+
+
 # -- connecting and listening ---------------------------------------------------
 
 def _tls_context(address, security, server_side):
@@ -450,14 +549,20 @@ def _tls_context(address, security, server_side):
     return security.context(server_side)
 
 
-async def connect(address, secret, timeout=None, security=None):
+async def connect(address, secret, timeout=None, security=None,
+                  local=False):
     """Open a comm to ``address`` and run the handshake.
 
     Retries while nothing listens there yet (a scheduler may still be
     starting) until ``timeout`` (default: config ``comm.timeouts.connect``),
-    then raises ConnectError naming the address.
+    then raises ConnectError naming the address. With ``local=True``, a
+    server listening there in this process is reached by a LocalComm.
     """
     scheme, host, port = parse_address(address)
+    if local:
+        comm = _connect_locally(address, secret)
+        if comm is not None:
+            return comm
     if timeout is None:
         timeout = parse_timedelta(config.get("comm.timeouts.connect"))
     ssl_ctx = (_tls_context(address, security, server_side=False)
@@ -532,13 +637,21 @@ class Listener(TCPServer):
         self.handshake_timeout = parse_timedelta(
             config.get("comm.timeouts.handshake"))
         self.address = None
+        self.loop = None
 
     def start_listening(self, host, port):
         sockets = _bind(host, port)
         self.add_sockets(sockets)
         bound_host, bound_port = sockets[0].getsockname()[:2]
         self.address = unparse_address(self.scheme, bound_host, bound_port)
+        self.loop = asyncio.get_running_loop()
+        _local_listeners[self.address] = self
         return self.address
+
+    def stop(self):
+        if _local_listeners.get(self.address) is self:
+            del _local_listeners[self.address]
+        super().stop()
 
     async def handle_stream(self, stream, peer):
         peer_address = unparse_address(self.scheme, peer[0], peer[1])
@@ -597,6 +710,6 @@ def _bind(host, port):
 
 __all__ = [
     "CommError", "CommClosedError", "ConnectError", "AuthenticationError",
-    "ProtocolError", "Comm", "Listener", "connect", "parse_address",
-    "unparse_address", "dumps", "loads", "to_wire",
+    "ProtocolError", "Comm", "LocalComm", "Listener", "connect",
+    "parse_address", "unparse_address", "dumps", "loads", "to_wire",
 ]

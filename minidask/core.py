@@ -246,10 +246,11 @@ class ConnectionPool:
             lambda: asyncio.Semaphore(self.PER_PEER))
         self.closed = False
 
-    async def connect(self, address, timeout=None):
+    async def connect(self, address, timeout=None, local=False):
         """A fresh comm of our own, for a stream; the caller closes it."""
         return await comms.connect(address, self._secret_for(address),
-                                   timeout=timeout, security=self.security)
+                                   timeout=timeout, security=self.security,
+                                   local=local)
 
     def _secret_for(self, address):
         return self.secret if self.secret is not None else secret_for(address)

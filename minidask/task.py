@@ -12,8 +12,8 @@ pickles it once for thousands of tasks and a worker unpickles it once.
 """
 
 import hashlib
+import os
 import pickle
-import uuid
 
 import cloudpickle
 
@@ -102,7 +102,7 @@ def make_key(func, func_bytes, spec, pure):
     if pure:
         token = hashlib.md5(func_bytes + spec, usedforsecurity=False)
         return f"{function_name(func)}-{token.hexdigest()}"
-    return f"{function_name(func)}-{uuid.uuid4().hex}"
+    return f"{function_name(func)}-{os.urandom(16).hex()}"
 
 
 class FunctionCache:

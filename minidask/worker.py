@@ -121,31 +121,57 @@ class TaskThreads:
     daemon threads do not keep a closing worker process alive while a
     long task runs: tasks cannot be interrupted, so a closing worker
     abandons them.
+
+    Outcomes go back to the event loop in batches: a thread that finishes
+    while the loop has not yet collected the outcomes before it adds its
+    own to them instead of waking the loop once more. The worker queues a
+    task or so ahead of its threads, so a thread that finishes starts the
+    next task at once, and several outcomes often go back together.
     """
 
     def __init__(self, nthreads, name, run, done):
         self.loop = asyncio.get_running_loop()
         self.jobs = queue.SimpleQueue()
         self.run, self.done = run, done
+        self.running = [None] * nthreads  # each thread's job, if it has one
+        self._finished = []
+        self._lock = threading.Lock()  # guards _finished
         self.threads = [
-            threading.Thread(target=self._serve, name=f"{name}-{i}",
-                             daemon=True) for i in range(nthreads)]
+            threading.Thread(target=self._serve, args=(i,),
+                             name=f"{name}-{i}", daemon=True)
+            for i in range(nthreads)]
         for thread in self.threads:
             thread.start()
 
     def submit(self, *job):
         self.jobs.put(job)
 
-    def _serve(self):
+    def busy(self):
+        """The jobs that threads are running now."""
+        return [job for job in self.running if job is not None]
+
+    def _serve(self, index):
         while True:
             job = self.jobs.get()
             if job is None:
                 return
-            outcome = self.run(*job[1:])
-            try:
-                self.loop.call_soon_threadsafe(self.done, job[0], outcome)
-            except RuntimeError:
-                return  # the event loop is closed: the worker is gone
+            self.running[index] = job[0]
+            outcome = self.run(*job)
+            self.running[index] = None
+            with self._lock:
+                self._finished.append((job[0], outcome))
+                first = len(self._finished) == 1
+            if first:
+                try:
+                    self.loop.call_soon_threadsafe(self._collect)
+                except RuntimeError:
+                    return  # the event loop is closed: the worker is gone
+
+    def _collect(self):
+        with self._lock:
+            finished, self._finished = self._finished, []
+        for job, outcome in finished:
+            self.done(job, outcome)
 
     def shutdown(self):
         for _ in self.threads:
@@ -287,7 +313,7 @@ class Worker(Server):
             "cpu": self._process.cpu_percent(),
             "memory": memory,
             "managed_bytes": sum(self.nbytes.values()),
-            "executing": self.executing,
+            "executing": len(self.threads.busy()) if self.threads else 0,
             "ready": len(self.ready),
         }
 
@@ -472,7 +498,14 @@ class Worker(Server):
     # -- running tasks -------------------------------------------------------------
 
     def _run_ready(self):
-        while self.ready and self.executing < self.nthreads:
+        """Hand ready tasks to the threads, in priority order.
+
+        Up to two per thread: one running and one waiting, so that a
+        thread that finishes need not wait for this loop to give it the
+        next. A task that arrives later with a higher priority can be
+        overtaken by at most one task per thread.
+        """
+        while self.ready and self.executing < 2 * self.nthreads:
             _, _, key = heapq.heappop(self.ready)
             task = self.tasks.get(key)
             if task is None:
@@ -497,12 +530,19 @@ class Worker(Server):
 
     def _report_starts(self):
         self._start_report = None
-        for key in self._unreported:
+        running = {task.key for task in self.threads.busy()}
+        started = self._unreported & running
+        for key in started:
             self.scheduler.send({"op": "task-started", "key": key})
-        self._unreported.clear()
+        self._unreported -= started
+        if self._unreported:  # still waiting for a thread: look again
+            self._start_report = asyncio.get_running_loop().call_later(
+                START_REPORT_DELAY, self._report_starts)
 
-    def _execute(self, spec, inputs):
+    def _execute(self, task, spec, inputs):
         """Run one task; this is the only code that runs in the pool."""
+        if self.tasks.get(task.key) is not task:
+            return None  # freed while it waited for a thread
         thread = self._thread_index.setdefault(
             threading.get_ident(), len(self._thread_index))
         self._threads.add(threading.get_ident())

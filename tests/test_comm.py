@@ -98,3 +98,52 @@ def test_new_buffer_gives_bytes_or_writable_memory():
         view[:2] = b"ok"
     assert memoryview(frame)[:2] == b"ok"
     assert not memoryview(frame).readonly
+
+
+def test_a_client_in_the_schedulers_process_talks_to_it_directly(cluster):
+    from minidask import Client
+    with Client(cluster) as client:
+        assert isinstance(client._stream.comm, comm.LocalComm)
+        assert client.submit(sum, [1, 2]).result(timeout=10) == 3
+
+
+def test_a_local_connection_with_a_wrong_secret_is_refused(cluster):
+    from minidask.loop import sync
+    with pytest.raises(comm.AuthenticationError,
+                       match="wrong cluster secret"):
+        sync(comm.connect(cluster.scheduler_address, "not the secret",
+                          timeout=5, local=True))
+
+
+def test_two_local_clients_each_get_the_workers_traceback_once(cluster):
+    from minidask import Client
+
+    def fail(x):
+        raise ValueError(f"bad {x}")
+
+    with Client(cluster) as one, Client(cluster) as two:
+        errors = []
+        for client in (one, two):  # the same key: one task, two clients
+            with pytest.raises(ValueError) as info:
+                client.submit(fail, 1, key="fail-shared").result(timeout=10)
+            errors.append(info.value)
+    for exc in errors:
+        notes = [n for n in getattr(exc, "__notes__", [])
+                 if "Traceback on the worker" in n]
+        assert len(notes) == 1
+
+
+def test_closing_one_end_of_a_local_connection_ends_both():
+    async def main():
+        ours, theirs = comm.LocalComm.pair("tcp://127.0.0.1:1",
+                                           "local://client")
+        ours.write_nowait({"op": "last"})
+        ours.abort()
+        assert await theirs.read() == {"op": "last"}  # sent before the end
+        with pytest.raises(comm.CommClosedError):
+            await theirs.read()
+        with pytest.raises(comm.CommClosedError):
+            theirs.write_nowait({"op": "too late"})
+        assert ours.peer_gone() and theirs.peer_gone()
+
+    asyncio.run(main())
