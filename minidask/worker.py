@@ -21,6 +21,7 @@ outlive their scheduler.
 import asyncio
 import heapq
 import inspect
+import io
 import itertools
 import logging
 import os
@@ -31,13 +32,14 @@ import time
 import traceback
 import queue
 
+import cloudpickle
 import psutil
 
 from minidask import comm as comms
 from minidask import config
 from minidask.comm import CommClosedError, CommError
 from minidask.core import BatchedSend, RemoteError, Server, read_stream
-from minidask.task import FunctionCache, pickle_bytes, run_spec
+from minidask.task import FunctionCache, run_spec
 from minidask.utils import format_bytes, parse_bytes, parse_timedelta
 
 logger = logging.getLogger(__name__)
@@ -622,12 +624,43 @@ def _small_pickle(value):
     a client waiting for it need not ask this worker for it: a round trip
     saved on the path of every small task. The scheduler passes it on
     without unpickling it.
+
+    ``sizeof`` is exact for numbers, strings and bytes. Any other object
+    may hold far more than its own size says (an instance with a long
+    list in an attribute), so it is pickled into a buffer that gives up
+    past ``INLINE_RESULT_BYTES``, after a 64 KiB frame at most.
     """
+    if type(value) in _FLAT:
+        data = pickle.dumps(value, protocol=5)
+    else:
+        data = _bounded_pickle(value, pickle.Pickler)
+        if data is not None and b"__main__" in data:
+            data = _bounded_pickle(value, cloudpickle.Pickler)
+    return data if data is not None and len(data) <= INLINE_RESULT_BYTES \
+        else None
+
+
+_FLAT = frozenset([int, float, complex, bool, str, bytes, type(None)])
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BoundedBuffer(io.BytesIO):
+    def write(self, data):
+        if self.tell() + memoryview(data).nbytes > INLINE_RESULT_BYTES:
+            raise _TooLarge
+        return super().write(data)
+
+
+def _bounded_pickle(value, pickler):
+    buffer = _BoundedBuffer()
     try:
-        data = pickle_bytes(value)
-    except TypeError:
-        return None  # a client that asks gets the error from get-data
-    return data if len(data) <= INLINE_RESULT_BYTES else None
+        pickler(buffer, protocol=5).dump(value)
+    except Exception:  # too large, or it does not pickle: the client
+        return None    # asks for it, and hears of the error then
+    return buffer.getvalue()
 
 
 def _sendable(exc):

@@ -253,6 +253,23 @@ def test_small_results_come_with_the_message_that_they_are_done(client):
     assert client.gather([small, small]) == [42, 42]
 
 
+class Holder:
+    """Small by its own size, large by what it holds."""
+
+    def __init__(self, n):
+        self.items = list(range(n))
+
+
+def test_a_small_object_holding_much_is_fetched_not_sent_along(client):
+    holder = client.submit(Holder, 200_000, pure=False)
+    little = client.submit(Holder, 3, pure=False)
+    wait([holder, little], timeout=10)
+    assert holder._state.value is None
+    assert little._state.value is not None
+    assert len(holder.result().items) == 200_000
+    assert little.result().items == [0, 1, 2]
+
+
 def test_a_result_that_does_not_pickle_is_an_error_naming_it(client):
     import threading
     future = client.submit(threading.Lock, pure=False)
