@@ -526,20 +526,25 @@ class Worker(Server):
         the scheduler a wake-up on the path of every task.
         """
         self._unreported.add(key)
-        if self._start_report is None:
+        self._arm_start_report()
+
+    def _arm_start_report(self):
+        if self._unreported and self._start_report is None:
             self._start_report = asyncio.get_running_loop().call_later(
                 START_REPORT_DELAY, self._report_starts)
 
     def _report_starts(self):
+        """Report the unreported tasks a thread is running now.
+
+        One still waiting for a thread starts when the task before it
+        finishes, and ``_task_done`` arms this again then.
+        """
         self._start_report = None
         running = {task.key for task in self.threads.busy()}
         started = self._unreported & running
         for key in started:
             self.scheduler.send({"op": "task-started", "key": key})
         self._unreported -= started
-        if self._unreported:  # still waiting for a thread: look again
-            self._start_report = asyncio.get_running_loop().call_later(
-                START_REPORT_DELAY, self._report_starts)
 
     def _execute(self, task, spec, inputs):
         """Run one task; this is the only code that runs in the pool."""
@@ -572,6 +577,7 @@ class Worker(Server):
         self._unreported.discard(task.key)
         if self.status == "running":
             self._run_ready()
+            self._arm_start_report()
         if self.tasks.get(task.key) is not task:
             return  # freed while it ran
         del self.tasks[task.key]

@@ -317,3 +317,20 @@ def test_huge_pages_can_be_turned_off_and_a_set_value_is_kept(monkeypatch):
                              dashboard_address=None) as cluster, \
                 Client(cluster) as client:
             assert list(client.run(_glibc_tunables).values()) == [expected]
+
+
+def test_a_task_waiting_for_a_thread_is_reported_once_it_runs(client):
+    from minidask.worker import START_REPORT_DELAY
+    a = sorted(client.scheduler_info()["workers"])[0]
+    first = client.submit(slow_inc, 1, delay=START_REPORT_DELAY * 12,
+                          workers=[a], pure=False)
+    second = client.submit(slow_inc, 2, delay=START_REPORT_DELAY * 30,
+                           workers=[a], pure=False)
+    wait_until(lambda: client.run_on_scheduler(_executing(first.key)),
+               timeout=START_REPORT_DELAY * 10)
+    # one thread: the second waits behind the first, and is not running
+    assert not client.run_on_scheduler(_executing(second.key))
+    wait_until(lambda: client.run_on_scheduler(_executing(second.key)),
+               timeout=START_REPORT_DELAY * 25,
+               message="the second task was never reported as running")
+    assert second.result(timeout=10) == 3
