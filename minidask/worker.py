@@ -38,7 +38,8 @@ import psutil
 from minidask import comm as comms
 from minidask import config
 from minidask.comm import CommClosedError, CommError
-from minidask.core import BatchedSend, RemoteError, Server, read_stream
+from minidask.core import (BatchedSend, RemoteError, Server, flush_queued,
+                           read_stream)
 from minidask.task import FunctionCache, run_spec
 from minidask.utils import format_bytes, parse_bytes, parse_timedelta
 
@@ -174,6 +175,7 @@ class TaskThreads:
             finished, self._finished = self._finished, []
         for job, outcome in finished:
             self.done(job, outcome)
+        flush_queued()  # report them now, not a turn of the loop later
 
     def shutdown(self):
         for _ in self.threads:

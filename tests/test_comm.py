@@ -147,3 +147,23 @@ def test_closing_one_end_of_a_local_connection_ends_both():
         assert ours.peer_gone() and theirs.peer_gone()
 
     asyncio.run(main())
+
+
+def test_queued_batches_leave_together_when_flushed_before_the_turn_ends():
+    from minidask.core import BatchedSend, flush_queued
+
+    async def main():
+        ours, theirs = comm.LocalComm.pair("tcp://127.0.0.1:1",
+                                           "local://client")
+        stream = BatchedSend(ours)
+        stream.send({"op": "a"})
+        stream.send({"op": "b"})
+        assert not theirs._inbox  # nothing has left in this turn yet
+        flush_queued()
+        assert list(theirs._inbox) == [[{"op": "a"}, {"op": "b"}]]
+        stream.send({"op": "c"})  # the next one waits for the turn's end
+        await asyncio.sleep(0)
+        assert list(theirs._inbox)[-1] == [{"op": "c"}]
+        await stream.flush()
+
+    asyncio.run(main())
