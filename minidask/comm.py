@@ -24,6 +24,10 @@ Before any message is read, both ends run a handshake that proves each
 knows the cluster secret (see :func:`_handshake_server`). Nothing from a
 peer is unpickled until it has passed, so a stranger on a shared machine
 can neither run code on the cluster nor feed it a malicious pickle.
+
+A client in the same process as its scheduler (a LocalCluster's) skips
+all of this: it talks to the scheduler through a :class:`LocalComm`,
+which hands messages over as objects.
 """
 
 import asyncio

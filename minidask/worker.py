@@ -234,7 +234,7 @@ class Worker(Server):
         self.nbytes = {}
         self.tasks = {}
         self.ready = []  # heap of (priority, sequence, key)
-        self.executing = 0
+        self.handed_out = 0  # tasks given to the threads, running or waiting
         self._unreported = set()  # running, not yet reported as started
         self._start_report = None  # the timer that will report them
         self.in_flight = {}  # key -> future of a fetch under way
@@ -509,12 +509,12 @@ class Worker(Server):
         next. A task that arrives later with a higher priority can be
         overtaken by at most one task per thread.
         """
-        while self.ready and self.executing < 2 * self.nthreads:
+        while self.ready and self.handed_out < 2 * self.nthreads:
             _, _, key = heapq.heappop(self.ready)
             task = self.tasks.get(key)
             if task is None:
                 continue  # freed while it waited
-            self.executing += 1
+            self.handed_out += 1
             self._note_started(key)
             inputs = {d: self.data[d] for d in task.deps}
             self.threads.submit(task, task.spec, inputs)
@@ -575,7 +575,7 @@ class Worker(Server):
         return logging.LoggerAdapter(print_logger, {"server": self.id})
 
     def _task_done(self, task, outcome):
-        self.executing -= 1
+        self.handed_out -= 1
         self._unreported.discard(task.key)
         if self.status == "running":
             self._run_ready()
