@@ -48,6 +48,7 @@ class Sizes:
     thread_counts: tuple
     threaded_tasks: int
     dashboard_rounds: int
+    idle_seconds: float
 
 
 FULL = Sizes(startup_repeats=3, round_trips=1000, tiny_tasks=10_000,
@@ -55,13 +56,14 @@ FULL = Sizes(startup_repeats=3, round_trips=1000, tiny_tasks=10_000,
              transfer_bytes=(50 * 2**20, 200 * 2**20), transfer_repeats=3,
              graph_sizes=(1000, 10_000, 100_000),
              thread_counts=(1, 2, 4, 8, 16), threaded_tasks=1500,
-             dashboard_rounds=2)
+             dashboard_rounds=2, idle_seconds=2)
 
 QUICK = Sizes(startup_repeats=1, round_trips=20, tiny_tasks=100,
               chain_length=20, tree_leaves=50,
               transfer_bytes=(2**20, 2 * 2**20),
               transfer_repeats=1, graph_sizes=(50, 100, 200),
-              thread_counts=(1, 2), threaded_tasks=50, dashboard_rounds=1)
+              thread_counts=(1, 2), threaded_tasks=50, dashboard_rounds=1,
+              idle_seconds=0.2)
 
 
 @dataclasses.dataclass
@@ -331,17 +333,19 @@ def threads(engine, sizes):
 
 @case("unwatched dashboard", needs_client=False)
 def dashboard_unwatched(engine, sizes):
-    """Tiny tasks with the dashboard off, then on with no browser on it.
+    """A cluster with the dashboard off, then on with no browser on it.
 
     A dashboard nobody looks at should cost the scheduler nothing. What
-    is compared is the CPU time of the scheduler's event loop thread per
-    task (the thread where the dashboard would do its work), not the
-    rate, which moves too much from run to run on a shared machine. Off
-    and on alternate, ``dashboard_rounds`` times each, on a fresh cluster
-    every time; the spread between the "off" runs shows the noise.
+    is compared is the CPU time of the scheduler's event loop thread (the
+    thread where the dashboard would do its work): per second while the
+    cluster is idle, where any periodic work of the dashboard's would
+    stand out, and per task while tiny tasks run (the rate moves too much
+    from run to run on a shared machine). Off and on alternate,
+    ``dashboard_rounds`` times each, on a fresh cluster every time; the
+    spread between the "off" runs shows the noise.
     """
     n = sizes.tiny_tasks // 4
-    cpu, pages = {"off": [], "on": []}, []
+    cpu, idle, pages = {"off": [], "on": []}, {"off": [], "on": []}, []
     for _ in range(sizes.dashboard_rounds):
         for label, address in [("off", None), ("on", "127.0.0.1:0")]:
             with engine.LocalCluster(n_workers=2, threads_per_worker=1,
@@ -349,6 +353,11 @@ def dashboard_unwatched(engine, sizes):
                     engine.Client(cluster) as client:
                 client.wait_for_workers(2)
                 warm_up(client)
+                before = client.run_on_scheduler(loop_cpu_seconds)
+                time.sleep(sizes.idle_seconds)  # nothing to do but tick
+                after = client.run_on_scheduler(loop_cpu_seconds)
+                idle[label].append((after - before) / sizes.idle_seconds
+                                   * 1e3)
                 before = client.run_on_scheduler(loop_cpu_seconds)
                 results = client.gather(client.map(inc, range(n),
                                                    pure=False))
@@ -362,6 +371,10 @@ def dashboard_unwatched(engine, sizes):
     assert not any(pages), f"dashboard pages were open: {pages}"
     off, on = statistics.mean(cpu["off"]), statistics.mean(cpu["on"])
     return [
+        Measure("scheduler thread CPU while idle, off", statistics.mean(
+            idle["off"]), "ms/s", LOWER),
+        Measure("while idle, on with no page open", statistics.mean(
+            idle["on"]), "ms/s", LOWER),
         Measure(f"scheduler thread CPU per task, off ({n:,} tasks)", off,
                 "µs/task", LOWER),
         Measure("the same, on with no page open", on, "µs/task", LOWER),

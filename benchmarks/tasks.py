@@ -31,8 +31,12 @@ def scheduler_task_count(dask_scheduler):
     return len(dask_scheduler.tasks)
 
 
-def loop_cpu_seconds(dask_scheduler):
-    """Run on the scheduler: CPU time of its event loop thread so far."""
+async def loop_cpu_seconds(dask_scheduler):
+    """Run on the scheduler: CPU time of its event loop thread so far.
+
+    A coroutine function, so that both engines run it on the event loop
+    itself: dask.distributed runs a plain function in a thread of a pool.
+    """
     import time
     return time.thread_time()
 
