@@ -56,7 +56,7 @@ FULL = Sizes(startup_repeats=3, round_trips=1000, tiny_tasks=10_000,
              transfer_bytes=(50 * 2**20, 200 * 2**20), transfer_repeats=3,
              graph_sizes=(1000, 10_000, 100_000),
              thread_counts=(1, 2, 4, 8, 16), threaded_tasks=1500,
-             dashboard_rounds=2, idle_seconds=2)
+             dashboard_rounds=2, idle_seconds=1)
 
 QUICK = Sizes(startup_repeats=1, round_trips=20, tiny_tasks=100,
               chain_length=20, tree_leaves=50,
