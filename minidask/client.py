@@ -38,6 +38,7 @@ from minidask.loop import call_soon, sync
 from minidask.scheduler import CancelledError
 from minidask.task import (Ref, fill_refs, make_key, make_spec, pickle_bytes,
                            replace_futures)
+from minidask.utils import no_garbage_collection
 
 logger = logging.getLogger(__name__)
 
@@ -474,14 +475,15 @@ class Client:
             raise ValueError(f"map got {len(keys)} keys for {len(calls)} "
                              f"calls")
         tasks, order = {}, []
-        for i, (args, k) in enumerate(zip(calls, keys)):
-            if isinstance(key, str):
-                k = f"{key}-{i}"
-            task, k = self._make_task(func, func_bytes, args, kwargs, k,
-                                      pure, workers, retries)
-            tasks.setdefault(k, task)
-            order.append(k)
-        futures = dict(zip(tasks, self._send_tasks(tasks)))
+        with no_garbage_collection():
+            for i, (args, k) in enumerate(zip(calls, keys)):
+                if isinstance(key, str):
+                    k = f"{key}-{i}"
+                task, k = self._make_task(func, func_bytes, args, kwargs, k,
+                                          pure, workers, retries)
+                tasks.setdefault(k, task)
+                order.append(k)
+            futures = dict(zip(tasks, self._send_tasks(tasks)))
         return [futures[k] for k in order]
 
     def _make_task(self, func, func_bytes, args, kwargs, key, pure, workers,

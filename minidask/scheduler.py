@@ -66,7 +66,8 @@ from minidask.comm import CommClosedError, CommError
 from minidask.core import NO_REPLY, BatchedSend, Server, read_stream
 from minidask.core import forget_secret, register_secret
 from minidask.core import secret_file_for, write_secret_file
-from minidask.utils import parse_bytes, parse_timedelta
+from minidask.utils import (no_garbage_collection, parse_bytes,
+                            parse_timedelta)
 
 logger = logging.getLogger(__name__)
 
@@ -555,6 +556,10 @@ class Scheduler(Server):
         if cs is None:
             return
         _check_graph(tasks, keys)
+        with no_garbage_collection():
+            self._add_graph(cs, tasks, keys)
+
+    def _add_graph(self, cs, tasks, keys):
         new = []
         for key, task in tasks.items():
             if key in self.tasks:

@@ -119,3 +119,23 @@ def test_parse_timedelta_rejects_unknown_default_unit():
 ])
 def test_format_time(seconds, expected):
     assert format_time(seconds) == expected
+
+
+def test_no_garbage_collection_pauses_the_collector_and_restores_it():
+    import gc
+    from minidask.utils import no_garbage_collection
+    assert gc.isenabled()
+    with no_garbage_collection():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()  # a program that turned it off keeps it off
+    try:
+        with no_garbage_collection():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError):
+        with no_garbage_collection():
+            raise ValueError("the block failed")
+    assert gc.isenabled()
