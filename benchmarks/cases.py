@@ -353,7 +353,7 @@ def dashboard_unwatched(engine, sizes):
     ``dashboard_rounds`` times each, on a fresh cluster every time; the
     spread between the "off" runs shows the noise.
     """
-    n = sizes.tiny_tasks // 4
+    n = sizes.tiny_tasks // 8
     cpu, idle, pages = {"off": [], "on": []}, {"off": [], "on": []}, []
     for _ in range(sizes.dashboard_rounds):
         for label, address in [("off", None), ("on", "127.0.0.1:0")]:
